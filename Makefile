@@ -1,0 +1,40 @@
+# One entry point for every habit; CI (.ci/run) calls the same targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install run test lint format migrate bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: install
+	$(BIN)/python manage.py migrate --noinput
+
+## Run the service: migrate, seed the demo on an empty database, serve on $(HOST):$(PORT).
+run: migrate
+	$(BIN)/python manage.py seed_demo --if-empty
+	$(BIN)/uvicorn stagegate.asgi:application --host $(HOST) --port $(PORT)
+
+## Run the test suite (embedded mode unless DATABASE_URL / REDIS_URL are set).
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis

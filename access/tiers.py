@@ -1,0 +1,153 @@
+"""Effective tier: the tier an organization's evidence supports at a stage.
+
+An organization claims a tier, but at a given stage that tier counts only while
+every verification the stage's policy asks of that tier is valid (status valid
+and not past its expiry). Otherwise the organization is treated as ``public``.
+Expiry is checked at the moment of the decision, so it takes effect at once; the
+periodic sweep (``expire_verifications``) then records the change in the audit log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from access.models import Organization, Tier, Verification, VerificationStatus
+from monitoring import audit
+from rollout.plan_schema import StagePolicy
+from rollout.plans import current_stage_policies
+
+
+def effective_tier(claimed_tier: str, valid_kinds: Iterable[str], stage: StagePolicy) -> str:
+    """Pure: the claimed tier if the stage's requirements for it are met, else public."""
+    tier_policy = stage.tiers.get(claimed_tier)
+    if tier_policy is None:
+        return claimed_tier  # the stage sets no evidence for this tier (and does not admit it)
+    if set(tier_policy.verifications) <= set(valid_kinds):
+        return claimed_tier
+    return Tier.PUBLIC
+
+
+def valid_kinds(organization: Organization, now: datetime) -> set[str]:
+    return {v.kind for v in organization.verifications.all() if v.is_valid_at(now)}
+
+
+def effective_tiers_by_release(organization: Organization, now: datetime) -> dict[str, str]:
+    """The organization's effective tier at the current stage of every active release."""
+    kinds = valid_kinds(organization, now)
+    return {
+        release_name: effective_tier(organization.tier, kinds, stage)
+        for release_name, stage in current_stage_policies().items()
+    }
+
+
+def audit_tier_changes(
+    organization: Organization, before: dict[str, str], after: dict[str, str], *, actor, cause: str
+) -> None:
+    """One audit row per release where the organization's effective tier changed."""
+    for release_name, new_tier in sorted(after.items()):
+        old_tier = before.get(release_name, new_tier)
+        if old_tier == new_tier:
+            continue
+        audit.record(
+            "org.tier_downgraded" if new_tier == Tier.PUBLIC else "org.tier_restored",
+            actor=actor,
+            object_type="organization",
+            object_id=organization.public_id,
+            data={"release": release_name, "from": old_tier, "to": new_tier, "cause": cause},
+        )
+
+
+def set_verification_status(
+    verification: Verification, *, status: str, actor, note: str = ""
+) -> Verification:
+    """Change a verification's status (valid, revoked, rejected, expired), audited,
+    with the resulting effective-tier changes audited too."""
+    now = timezone.now()
+    with transaction.atomic():
+        verification = Verification.objects.select_for_update().get(pk=verification.pk)
+        organization = verification.organization
+        if verification.status == status:
+            return verification
+        before = effective_tiers_by_release(organization, now)
+        previous = verification.status
+        verification.status = status
+        fields = ["status"]
+        if status == VerificationStatus.VALID:
+            verification.verified_at = now
+            verification.verified_by = actor if getattr(actor, "pk", None) else None
+            fields += ["verified_at", "verified_by"]
+        if note:
+            verification.evidence_note = (verification.evidence_note + "\n" + note).strip()
+            fields.append("evidence_note")
+        verification.save(update_fields=fields)
+        audit.record(
+            f"verification.{status}",
+            actor=actor,
+            object_type="verification",
+            object_id=verification.public_id,
+            data={
+                "organization": organization.public_id,
+                "kind": verification.kind,
+                "from": previous,
+                "to": status,
+                "expires_at": verification.expires_at,
+            },
+        )
+        after = effective_tiers_by_release(organization, now)
+        audit_tier_changes(
+            organization,
+            before,
+            after,
+            actor=actor,
+            cause=f"verification {verification.public_id} {status}",
+        )
+    return verification
+
+
+def expire_verifications(*, now: datetime | None = None) -> int:
+    """Mark valid verifications past their expiry as expired; returns how many."""
+    now = now or timezone.now()
+    due = Verification.objects.filter(status=VerificationStatus.VALID, expires_at__lte=now)
+    count = 0
+    for verification in due.select_related("organization"):
+        # The tier already dropped at the expiry instant; compare with the evidence counted.
+        with transaction.atomic():
+            verification = Verification.objects.select_for_update().get(pk=verification.pk)
+            if verification.status != VerificationStatus.VALID:
+                continue
+            organization = verification.organization
+            kinds_after = valid_kinds(organization, now)
+            kinds_before = kinds_after | {verification.kind}
+            policies = current_stage_policies()
+            before = {
+                r: effective_tier(organization.tier, kinds_before, s) for r, s in policies.items()
+            }
+            after = {
+                r: effective_tier(organization.tier, kinds_after, s) for r, s in policies.items()
+            }
+            verification.status = VerificationStatus.EXPIRED
+            verification.save(update_fields=["status"])
+            audit.record(
+                "verification.expired",
+                actor="system:expire_verifications",
+                object_type="verification",
+                object_id=verification.public_id,
+                data={
+                    "organization": organization.public_id,
+                    "kind": verification.kind,
+                    "expires_at": verification.expires_at,
+                },
+            )
+            audit_tier_changes(
+                organization,
+                before,
+                after,
+                actor="system:expire_verifications",
+                cause=f"verification {verification.public_id} expired",
+            )
+            count += 1
+    return count

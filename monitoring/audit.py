@@ -1,0 +1,124 @@
+"""The audit log: append-only, hash-chained, written in the transaction it records.
+
+Each row's hash covers its own content and the previous row's hash, so changing,
+inserting or removing any row breaks the chain from that row on; ``verify_chain``
+finds the first such row. Appends are serialized (a PostgreSQL advisory lock; on
+SQLite the IMMEDIATE transaction mode already holds the write lock) so the chain
+never forks, and ``seq`` is unique as a second guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
+from django.utils import timezone
+
+from monitoring.models import AuditEvent
+
+GENESIS_HASH = "0" * 64
+# Arbitrary constant naming the audit chain's advisory lock in PostgreSQL.
+_ADVISORY_LOCK_ID = 0x5A6_A0D17
+# Anything shaped like one of our API keys must never reach the log (see access.keys).
+_SECRET_PATTERN = re.compile(r"sgk_[0-9a-z]{16}_[0-9A-Za-z]{20,}")
+
+
+class SecretInAuditData(ValueError):
+    """Raised instead of writing an audit row whose data contains an API key."""
+
+
+def actor_label(actor: Any) -> str:
+    """A stable label for who did something: a username, or a ``system:`` name."""
+    if actor is None:
+        return "system"
+    if isinstance(actor, str):
+        return actor
+    username = getattr(actor, "get_username", None)
+    if callable(username) and getattr(actor, "is_authenticated", False):
+        return username()
+    return "anonymous"
+
+
+def _normalize(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON round trip, so what we hash equals what the JSON column gives back."""
+    return json.loads(json.dumps(data, cls=DjangoJSONEncoder, sort_keys=True))
+
+
+def compute_hash(event: AuditEvent) -> str:
+    payload = {
+        "seq": event.seq,
+        "created_at": event.created_at.astimezone(UTC).isoformat(),
+        "actor": event.actor,
+        "action": event.action,
+        "object_type": event.object_type,
+        "object_id": event.object_id,
+        "data": event.data,
+        "prev_hash": event.prev_hash,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def record(
+    action: str,
+    *,
+    actor: Any,
+    object_type: str,
+    object_id: str,
+    data: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one audit row. Must be called inside the transaction of the change."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("audit.record must run inside the transaction of the change it records")
+    normalized = _normalize(data or {})
+    if _SECRET_PATTERN.search(json.dumps(normalized)):
+        raise SecretInAuditData(f"refusing to write an API key into the audit log ({action})")
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
+    tail = AuditEvent.objects.order_by("-seq").values_list("seq", "hash").first()
+    seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
+    event = AuditEvent(
+        seq=seq,
+        created_at=timezone.now(),
+        actor=actor_label(actor),
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        data=normalized,
+        prev_hash=prev_hash,
+    )
+    event.hash = compute_hash(event)
+    event.save(force_insert=True)
+    return event
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    seq: int
+    reason: str
+
+
+def verify_chain(batch_size: int = 2000) -> tuple[int, ChainBreak | None]:
+    """Check every row in order. Returns (rows checked, first break or None)."""
+    expected_prev = GENESIS_HASH
+    expected_seq = 1
+    checked = 0
+    with transaction.atomic():
+        for event in AuditEvent.objects.order_by("seq").iterator(chunk_size=batch_size):
+            if event.seq != expected_seq:
+                return checked, ChainBreak(expected_seq, f"row #{expected_seq} is missing")
+            if event.prev_hash != expected_prev:
+                return checked, ChainBreak(event.seq, "prev_hash does not match the row before")
+            if compute_hash(event) != event.hash:
+                return checked, ChainBreak(event.seq, "content does not match its hash")
+            expected_prev = event.hash
+            expected_seq += 1
+            checked += 1
+    return checked, None

@@ -1,0 +1,41 @@
+"""Random, non-guessable public identifiers for objects that appear in URLs."""
+
+from __future__ import annotations
+
+import secrets
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
+
+
+def new_public_id(prefix: str) -> str:
+    """``prefix_`` followed by 16 random base32 characters (80 bits)."""
+    return f"{prefix}_" + "".join(secrets.choice(_ALPHABET) for _ in range(16))
+
+
+# Field defaults must be importable module-level functions for migrations.
+def new_org_id() -> str:
+    return new_public_id("org")
+
+
+def new_verification_id() -> str:
+    return new_public_id("ver")
+
+
+def new_membership_id() -> str:
+    return new_public_id("mem")
+
+
+def new_key_public_id() -> str:
+    return new_public_id("key")
+
+
+def new_release_id() -> str:
+    return new_public_id("rel")
+
+
+def new_plan_id() -> str:
+    return new_public_id("plan")
+
+
+def new_transition_id() -> str:
+    return new_public_id("tr")

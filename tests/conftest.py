@@ -1,0 +1,91 @@
+"""The shared cast: four organizations (one per tier), staff of each role, two org
+admins, and the release atlas-2 on the example plan (docs/examples/atlas-2.yaml)."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.factories import EXAMPLE_PLAN, make_org, make_user
+
+
+@pytest.fixture
+def northwind(db):
+    return make_org("northwind-research", "research_partner")
+
+
+@pytest.fixture
+def acme(db):
+    return make_org("acme-commercial", "verified_commercial")
+
+
+@pytest.fixture
+def tartu(db):
+    return make_org("tartu-university", "credentialed_academic")
+
+
+@pytest.fixture
+def publicdev(db):
+    return make_org("public-dev", "public")
+
+
+@pytest.fixture
+def ada(db):
+    """Rollout admin."""
+    return make_user("ada", roles=("rollout_admin",))
+
+
+@pytest.fixture
+def rita(db):
+    """Reviewer."""
+    return make_user("rita", roles=("reviewer",))
+
+
+@pytest.fixture
+def vera(db):
+    """Viewer."""
+    return make_user("vera", roles=("viewer",))
+
+
+@pytest.fixture
+def oscar(northwind):
+    """Org admin of northwind-research."""
+    return make_user("oscar", org_admin_of=(northwind,))
+
+
+@pytest.fixture
+def olga(acme):
+    """Org admin of acme-commercial."""
+    return make_user("olga", org_admin_of=(acme,))
+
+
+@pytest.fixture
+def nobody(db):
+    """Signed in, no role, no membership."""
+    return make_user("nobody")
+
+
+@pytest.fixture
+def release(db, ada):
+    """atlas-2 on the example plan, in its first stage."""
+    from rollout.models import Release
+    from rollout.plans import apply_plan
+
+    apply_plan(EXAMPLE_PLAN.read_text(), actor=ada)
+    return Release.objects.get(name="atlas-2")
+
+
+@pytest.fixture
+def api():
+    """A DRF client; log in with ``api.force_login(user)`` or ``login_as``."""
+    return APIClient()
+
+
+@pytest.fixture
+def login_as(api):
+    def login(user):
+        api.force_authenticate(user=None)
+        api.force_login(user)
+        return api
+
+    return login
