@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db import transaction
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
@@ -104,6 +105,18 @@ admin.site.unregister(Group)
 @admin.register(User)
 class AuditedUserAdmin(AuditedModelAdmin, UserAdmin):
     audit_exclude = ("password",)
+
+    def user_change_password(self, request, id, form_url=""):
+        # Django's view saves the new password outside save_model; wrap it so the
+        # audit row (written from log_change) commits or rolls back with it.
+        with transaction.atomic():
+            return super().user_change_password(request, id, form_url)
+
+    def log_change(self, request, obj, message):
+        entry = super().log_change(request, obj, message)
+        if request.path.endswith("/password/"):
+            self._audit(request, obj, "password_changed", {})
+        return entry
 
 
 @admin.register(Group)

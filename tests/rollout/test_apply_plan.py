@@ -88,6 +88,8 @@ def test_invalid_plan_lists_every_error_and_stores_nothing(release, ada):
 def test_plan_that_drops_the_current_stage_is_refused(release, ada):
     doc = _example()
     doc["stages"] = doc["stages"][1:]
+    for tripwire in doc["stages"][0].get("tripwires", []):
+        tripwire["action"] = "pause"  # a first stage has nothing to roll back to
     with pytest.raises(PlanInvalid) as invalid:
         apply_plan(yaml.safe_dump(doc), actor=ada)
     assert [(e.path, e.code) for e in invalid.value.errors] == [("stages", "current_stage_removed")]
@@ -145,3 +147,15 @@ def test_export_plan_command_prints_canonical_yaml(release, capsys):
     ]
     with pytest.raises(CommandError, match="no release"):
         call_command("export_plan", "nope")
+
+
+def test_export_plan_command_gives_past_versions(release, ada, capsys):
+    doc = _example()
+    doc["description"] = "second version"
+    apply_plan(yaml.safe_dump(doc), actor=ada)
+    call_command("export_plan", "atlas-2", "--plan-version", "1")
+    assert yaml.safe_load(capsys.readouterr().out)["description"] == _example()["description"]
+    call_command("export_plan", "atlas-2")
+    assert yaml.safe_load(capsys.readouterr().out)["description"] == "second version"
+    with pytest.raises(CommandError, match="no plan version 9"):
+        call_command("export_plan", "atlas-2", "--plan-version", "9")

@@ -35,7 +35,7 @@ def test_seed_demo_creates_the_demo_world(db, capsys):
         "public-dev": "public",
     }
     keys = KEY_LINE.findall(out)
-    assert [(slug, tier) for slug, tier, _ in keys] == list(orgs.items())
+    assert {slug: tier for slug, tier, _ in keys} == orgs
     for slug, _tier, raw_key in keys:
         assert authenticate_key(raw_key).organization.slug == slug
     users = dict(USER_LINE.findall(out))

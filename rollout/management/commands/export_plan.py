@@ -9,7 +9,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("release", help="Release name, e.g. atlas-2.")
-        parser.add_argument("--version", type=int, dest="plan_version", help="Plan version.")
+        parser.add_argument("--plan-version", type=int, help="A past version (default: the active one).")
 
     def handle(self, *args, release, plan_version, **options):
         found = Release.objects.filter(name=release).first()
