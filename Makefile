@@ -22,7 +22,7 @@ migrate: install
 ## Run the service: migrate, seed the demo on an empty database, serve on $(HOST):$(PORT).
 run: migrate
 	$(BIN)/python manage.py seed_demo --if-empty
-	$(BIN)/uvicorn stagegate.asgi:application --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn stagegate.asgi:application --host $(HOST) --port $(PORT) --lifespan off
 
 ## Run the test suite (embedded mode unless DATABASE_URL / REDIS_URL are set).
 test: install

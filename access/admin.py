@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
-from django.db import transaction
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
+from django.db import transaction
 from django.utils import timezone
 
 from access import keys, tiers

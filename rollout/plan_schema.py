@@ -620,6 +620,23 @@ def _plan_errors(exc: ValidationError) -> list[PlanError]:
     return errors
 
 
+def _non_string_keys(node: Any, loc: tuple[str | int, ...] = ()) -> list[PlanError]:
+    """YAML reads ``0:`` or ``true:`` as non-string keys; name them at their parent's path
+    (pydantic would report them as if they were list indices)."""
+    errors: list[PlanError] = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if isinstance(key, str):
+                errors += _non_string_keys(value, (*loc, key))
+            else:
+                message = f"key {_one_line(repr(key))[:40]} must be a string (quote it)"
+                errors.append(PlanError(_path(loc), message, "key_not_string"))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            errors += _non_string_keys(value, (*loc, index))
+    return errors
+
+
 def parse_plan(source: str | bytes | Mapping[str, Any]) -> RolloutPlanDoc:
     """Validate a plan given as YAML/JSON text (str or UTF-8 bytes) or a parsed mapping.
 
@@ -643,6 +660,8 @@ def parse_plan(source: str | bytes | Mapping[str, Any]) -> RolloutPlanDoc:
     if not isinstance(data, Mapping):
         kind = type(data).__name__
         raise _root_error("not_a_mapping", f"a plan must be a mapping of keys, not a {kind}")
+    if key_errors := _non_string_keys(data):
+        raise PlanInvalid(key_errors)
     try:
         return RolloutPlanDoc.model_validate(dict(data))
     except ValidationError as exc:

@@ -107,7 +107,6 @@ else:
             # IMMEDIATE takes the write lock at BEGIN, so two writers cannot both read the
             # audit chain's tail before either appends to it.
             "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
-            "TEST": {"NAME": VAR_DIR / "test.sqlite3"},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -27,7 +27,7 @@ TIER_EVIDENCE = {
 def make_user(username: str, *, roles: tuple[str, ...] = (), org_admin_of=()) -> User:
     user = User.objects.create_user(username=username, password=f"{username}-pass-9137")
     for role in roles:
-        user.groups.add(Group.objects.get(name=role))
+        user.groups.add(Group.objects.get_or_create(name=role)[0])
     for org in org_admin_of:
         Membership.objects.create(user=user, organization=org, role=MembershipRole.ORG_ADMIN)
     return user

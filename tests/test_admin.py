@@ -30,7 +30,9 @@ def _changelist(model) -> str:
 def test_every_stagegate_model_has_an_admin():
     from django.apps import apps
 
-    ours = [m for m in apps.get_models() if m._meta.app_label in ("access", "rollout", "monitoring")]
+    ours = [
+        m for m in apps.get_models() if m._meta.app_label in ("access", "rollout", "monitoring")
+    ]
     assert sorted(m.__name__ for m in ours if m not in admin.site._registry) == []
 
 

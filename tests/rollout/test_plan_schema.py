@@ -734,11 +734,17 @@ def test_errors_for_odd_keys_have_readable_paths():
     plan = example()
     plan[""] = 1
     plan["two words"] = 2
-    plan["upstream"][3] = "x"
 
     paths = {path for path, _ in problems(plan)}
 
-    assert paths == {'[""]', '["two words"]', "upstream[3]"}
+    assert paths == {'[""]', '["two words"]'}
+
+
+def test_non_string_key_is_reported_at_its_parent_not_as_an_index():
+    plan = example()
+    plan["upstream"][3] = "x"
+
+    assert problems(plan) == {("upstream", "key_not_string")}
 
 
 def test_plan_invalid_str_lists_path_message_lines():
@@ -1052,7 +1058,12 @@ def bad_plans(draw: st.DrawFn) -> tuple[Any, set[str]]:
     if mutation == "junk":
         path = draw(st.sampled_from(ALL_PATHS))
         return set_at(plan, path, draw(junk)), set()
-    return draw(st.one_of(scalars, st.lists(json_values, max_size=3))), {"(root)"}
+    # Not a mapping: a scalar or list. (A string is parsed as YAML, and text such as
+    # "a:" is a mapping, so strings are sent as quoted YAML scalars.)
+    root = draw(st.one_of(scalars, st.lists(json_values, max_size=3)))
+    if isinstance(root, str):
+        root = yaml.safe_dump(root)
+    return root, {"(root)"}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1109,3 +1120,9 @@ def test_example_with_inserted_punctuation_never_crashes(cut, insert):
         parse_plan(EXAMPLE_TEXT[:cut] + insert + EXAMPLE_TEXT[cut:])
     except PlanInvalid as exc:
         assert_well_formed(exc)
+
+
+def test_non_string_keys_named_at_their_parent_path():
+    assert problems("0: x\n") == {("(root)", "key_not_string")}
+    text = EXAMPLE_TEXT.replace("  model: atlas-2-2026-11", "  model: atlas-2-2026-11\n  7: seven")
+    assert problems(text) == {("upstream", "key_not_string")}

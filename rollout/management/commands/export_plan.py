@@ -9,7 +9,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("release", help="Release name, e.g. atlas-2.")
-        parser.add_argument("--plan-version", type=int, help="A past version (default: the active one).")
+        parser.add_argument(
+            "--plan-version", type=int, help="A past version (default: the active one)."
+        )
 
     def handle(self, *args, release, plan_version, **options):
         found = Release.objects.filter(name=release).first()

@@ -1,0 +1,214 @@
+"""Serializers of the access API: organizations, memberships, verifications, API keys.
+
+Objects are named by their random ``public_id``; integer primary keys never leave
+the server. Raw API keys appear only in ``IssuedKeySerializer``, the one-time reply
+to issuing or rotating a key.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from access.models import (
+    ApiKey,
+    Membership,
+    MembershipRole,
+    Organization,
+    Verification,
+    VerificationStatus,
+)
+from access.organizations import find_member_candidate
+from access.tiers import effective_tiers_by_release
+
+KEY_STATUSES = ("active", "revoked", "expired")
+# A rotation grace longer than this is a second key in disguise; issue one instead.
+MAX_GRACE_HOURS = 24 * 30
+
+
+def _in_future(value):
+    if value is not None and value <= timezone.now():
+        raise serializers.ValidationError("must be in the future")
+    return value
+
+
+# --- organizations -------------------------------------------------------------------------
+
+
+class OrganizationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Organization
+        fields = ("public_id", "slug", "name", "tier", "created_at")
+        read_only_fields = ("public_id", "created_at")
+
+
+class OrganizationDetailSerializer(OrganizationSerializer):
+    effective_tiers = serializers.SerializerMethodField(
+        help_text="Release name → the tier the organization's valid evidence supports at "
+        "that release's current stage (``public`` when evidence is missing or expired)."
+    )
+
+    class Meta(OrganizationSerializer.Meta):
+        fields = (*OrganizationSerializer.Meta.fields, "effective_tiers")
+
+    @extend_schema_field(serializers.DictField(child=serializers.CharField()))
+    def get_effective_tiers(self, organization: Organization) -> dict[str, str]:
+        return effective_tiers_by_release(organization, timezone.now())
+
+
+class MembershipSerializer(serializers.ModelSerializer):
+    username = serializers.CharField(source="user.username", max_length=150)
+    role = serializers.ChoiceField(choices=MembershipRole.choices, default=MembershipRole.MEMBER)
+
+    class Meta:
+        model = Membership
+        fields = ("public_id", "username", "role", "created_at")
+        read_only_fields = ("public_id", "created_at")
+
+    def validate(self, attrs):
+        username = attrs.pop("user")["username"]
+        user = find_member_candidate(username)
+        if user is None:
+            raise serializers.ValidationError({"username": ["no active user has this username"]})
+        attrs["user"] = user
+        return attrs
+
+
+# --- verifications -------------------------------------------------------------------------
+
+
+class VerificationSerializer(serializers.ModelSerializer):
+    """A verification; the same shape records a new one (organization, kind,
+    expires_at, evidence_note and status pending or valid are writable)."""
+
+    organization = serializers.CharField(
+        source="organization.public_id",
+        max_length=24,
+        help_text="public_id of the organization (org_…)",
+    )
+    status = serializers.ChoiceField(
+        choices=VerificationStatus.choices,
+        default=VerificationStatus.PENDING,
+        help_text="A new verification is pending, or valid when the evidence was checked.",
+    )
+    evidence_note = serializers.CharField(required=False, allow_blank=True, default="")
+    expires_at = serializers.DateTimeField(validators=[_in_future])
+    verified_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Verification
+        fields = (
+            "public_id",
+            "organization",
+            "kind",
+            "status",
+            "evidence_note",
+            "verified_by",
+            "verified_at",
+            "expires_at",
+            "created_at",
+        )
+        read_only_fields = ("public_id", "verified_by", "verified_at", "created_at")
+
+    def validate_status(self, value):
+        if value not in (VerificationStatus.PENDING, VerificationStatus.VALID):
+            raise serializers.ValidationError("a new verification is pending or valid")
+        return value
+
+    def validate(self, attrs):
+        attrs["organization"] = attrs["organization"]["public_id"]
+        return attrs
+
+
+class VerificationRevokeSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=500)
+
+
+class VerificationValidateSerializer(serializers.Serializer):
+    note = serializers.CharField(required=False, allow_blank=True, default="", max_length=500)
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    """What anyone allowed to see a key sees: never the secret, never its digest."""
+
+    organization = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
+    prefix = serializers.CharField(read_only=True, help_text="recognises the key; cannot use it")
+    status = serializers.SerializerMethodField()
+    rotated_from = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
+
+    class Meta:
+        model = ApiKey
+        fields = (
+            "public_id",
+            "organization",
+            "name",
+            "prefix",
+            "status",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "revoked_reason",
+            "last_used_at",
+            "rotated_from",
+        )
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.ChoiceField(choices=KEY_STATUSES))
+    def get_status(self, api_key: ApiKey) -> str:
+        now = self.context.get("now") or timezone.now()
+        return api_key.status_at(now)
+
+
+class IssuedKeySerializer(ApiKeySerializer):
+    """The reply to issuing or rotating a key: the only time the raw key is shown."""
+
+    key = serializers.SerializerMethodField(
+        help_text="The raw API key. Shown once, in this reply only; it cannot be retrieved "
+        "again (only its SHA-256 digest is stored)."
+    )
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = (*ApiKeySerializer.Meta.fields, "key")
+        read_only_fields = fields
+
+    @extend_schema_field(
+        {"type": "string", "enum": ["active"], "description": "A new key is always active."}
+    )
+    def get_status(self, api_key: ApiKey) -> str:
+        return super().get_status(api_key)
+
+    def get_key(self, api_key: ApiKey) -> str:
+        return self.context["raw_key"]
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    organization = serializers.CharField(
+        max_length=24, help_text="public_id of the organization (org_…)"
+    )
+    name = serializers.CharField(max_length=100)
+    expires_at = serializers.DateTimeField(
+        required=False, allow_null=True, default=None, validators=[_in_future]
+    )
+
+
+class ApiKeyRevokeSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
+
+
+class ApiKeyRotateSerializer(serializers.Serializer):
+    grace_hours = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_GRACE_HOURS,
+        help_text="How long the old key keeps working; 0 expires it at once. "
+        "Default: STAGEGATE_ROTATION_GRACE_HOURS.",
+    )
+
+    def validate(self, attrs):
+        attrs.setdefault("grace_hours", settings.STAGEGATE_ROTATION_GRACE_HOURS)
+        return attrs
