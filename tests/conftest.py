@@ -9,6 +9,12 @@ from rest_framework.test import APIClient
 from tests.factories import EXAMPLE_PLAN, make_org, make_user
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """PBKDF2's deliberate slowness costs a second per test user; tests need no strength."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def northwind(db):
     return make_org("northwind-research", "research_partner")
