@@ -6,7 +6,7 @@ from django.utils import timezone
 
 from access import keys, tiers
 from access.models import ApiKey, Membership, Organization, Verification, VerificationStatus
-from monitoring.admin_base import AuditedModelAdmin
+from monitoring.admin_base import AuditedModelAdmin, ReadOnlyAdmin
 
 
 class MembershipInline(admin.TabularInline):
@@ -54,7 +54,7 @@ class MembershipAdmin(AuditedModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ReadOnlyAdmin):
     """Keys are issued with ``manage.py issue_key`` or the API (the secret is shown
     once there); the admin lists them and revokes them, audited."""
 
@@ -80,15 +80,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.display(description="status")
     def status(self, obj):
         return obj.status_at(timezone.now())
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):

@@ -1,6 +1,6 @@
 """The access API: organizations, their members, verifications and API keys.
 
-Visibility is the queryset (``access.api_permissions.scope_to_orgs``): an org admin
+Visibility is the queryset (``access.permissions.scope_to_orgs``): an org admin
 works only with the organizations they administer, and anything else answers 404
 exactly as if it did not exist. Only then do role checks apply (403). The work
 itself is done by the service modules (``access.keys``, ``access.organizations``,
@@ -25,9 +25,8 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from access import keys, organizations, verifications
-from access.api_permissions import IsRolloutAdmin, OrgScopedAdminWrite, scope_to_orgs
 from access.models import ApiKey, Membership, Organization, Verification
-from access.permissions import StaffOrOrgAdmin
+from access.permissions import IsRolloutAdmin, OrgScopedAdminWrite, StaffOrOrgAdmin, scope_to_orgs
 from access.serializers import (
     ApiKeyCreateSerializer,
     ApiKeyRevokeSerializer,

@@ -8,7 +8,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from access.models import Membership, MembershipRole, Organization
-from access.tiers import audit_tier_changes, effective_tiers_by_release
+from access.tiers import tier_changes_audited
 from monitoring import audit
 
 ORG_FIELDS = ("slug", "name", "tier")
@@ -48,25 +48,17 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
         }
         if not changed:
             return organization
-        before = effective_tiers_by_release(organization, now) if "tier" in changed else {}
-        for field, change in changed.items():
-            setattr(organization, field, change["to"])
-        organization.save(update_fields=[*changed, "updated_at"])
-        audit.record(
-            "org.updated",
-            actor=actor,
-            object_type="organization",
-            object_id=organization.public_id,
-            data={"slug": organization.slug, "changes": changed},
-        )
-        if "tier" in changed:
-            after = effective_tiers_by_release(organization, now)
-            audit_tier_changes(
-                organization,
-                before,
-                after,
+        cause = f"organization {', '.join(changed)} changed"
+        with tier_changes_audited(organization, actor=actor, cause=cause, now=now):
+            for field, change in changed.items():
+                setattr(organization, field, change["to"])
+            organization.save(update_fields=[*changed, "updated_at"])
+            audit.record(
+                "org.updated",
                 actor=actor,
-                cause=f"tier changed from {changed['tier']['from']} to {changed['tier']['to']}",
+                object_type="organization",
+                object_id=organization.public_id,
+                data={"slug": organization.slug, "changes": changed},
             )
     return organization
 

@@ -10,6 +10,7 @@ periodic sweep (``expire_verifications``) then records the change in the audit l
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from datetime import datetime
 
 from django.db import transaction
@@ -61,6 +62,17 @@ def audit_tier_changes(
         )
 
 
+@contextmanager
+def tier_changes_audited(organization: Organization, *, actor, cause: str, now: datetime):
+    """Audit every effective-tier change that the enclosed change causes, per release.
+
+    Use inside the change's transaction, around the writes."""
+    before = effective_tiers_by_release(organization, now)
+    yield
+    after = effective_tiers_by_release(organization, now)
+    audit_tier_changes(organization, before, after, actor=actor, cause=cause)
+
+
 def set_verification_status(
     verification: Verification, *, status: str, actor, note: str = ""
 ) -> Verification:
@@ -72,39 +84,32 @@ def set_verification_status(
         organization = verification.organization
         if verification.status == status:
             return verification
-        before = effective_tiers_by_release(organization, now)
-        previous = verification.status
-        verification.status = status
-        fields = ["status"]
-        if status == VerificationStatus.VALID:
-            verification.verified_at = now
-            verification.verified_by = actor if getattr(actor, "pk", None) else None
-            fields += ["verified_at", "verified_by"]
-        if note:
-            verification.evidence_note = (verification.evidence_note + "\n" + note).strip()
-            fields.append("evidence_note")
-        verification.save(update_fields=fields)
-        audit.record(
-            f"verification.{status}",
-            actor=actor,
-            object_type="verification",
-            object_id=verification.public_id,
-            data={
-                "organization": organization.public_id,
-                "kind": verification.kind,
-                "from": previous,
-                "to": status,
-                "expires_at": verification.expires_at,
-            },
-        )
-        after = effective_tiers_by_release(organization, now)
-        audit_tier_changes(
-            organization,
-            before,
-            after,
-            actor=actor,
-            cause=f"verification {verification.public_id} {status}",
-        )
+        cause = f"verification {verification.public_id} {status}"
+        with tier_changes_audited(organization, actor=actor, cause=cause, now=now):
+            previous = verification.status
+            verification.status = status
+            fields = ["status"]
+            if status == VerificationStatus.VALID:
+                verification.verified_at = now
+                verification.verified_by = actor if getattr(actor, "pk", None) else None
+                fields += ["verified_at", "verified_by"]
+            if note:
+                verification.evidence_note = (verification.evidence_note + "\n" + note).strip()
+                fields.append("evidence_note")
+            verification.save(update_fields=fields)
+            audit.record(
+                f"verification.{status}",
+                actor=actor,
+                object_type="verification",
+                object_id=verification.public_id,
+                data={
+                    "organization": organization.public_id,
+                    "kind": verification.kind,
+                    "from": previous,
+                    "to": status,
+                    "expires_at": verification.expires_at,
+                },
+            )
     return verification
 
 

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from access.models import Organization, Verification, VerificationStatus
-from access.tiers import audit_tier_changes, effective_tiers_by_release, set_verification_status
+from access.tiers import set_verification_status, tier_changes_audited
 from monitoring import audit
 
 
@@ -39,37 +39,29 @@ def create_verification(
         raise ValueError(f"a new verification is pending or valid, not {status}")
     now = timezone.now()
     with transaction.atomic():
-        before = effective_tiers_by_release(organization, now)
         verified = status == VerificationStatus.VALID
-        verification = Verification.objects.create(
-            organization=organization,
-            kind=kind,
-            status=status,
-            expires_at=expires_at,
-            evidence_note=evidence_note,
-            verified_at=now if verified else None,
-            verified_by=actor if verified and getattr(actor, "pk", None) else None,
-        )
-        audit.record(
-            "verification.created",
-            actor=actor,
-            object_type="verification",
-            object_id=verification.public_id,
-            data={
-                "organization": organization.public_id,
-                "kind": kind,
-                "status": status,
-                "expires_at": expires_at,
-            },
-        )
-        if verified:
-            after = effective_tiers_by_release(organization, now)
-            audit_tier_changes(
-                organization,
-                before,
-                after,
+        cause = f"{kind} verification created valid"
+        with tier_changes_audited(organization, actor=actor, cause=cause, now=now):
+            verification = Verification.objects.create(
+                organization=organization,
+                kind=kind,
+                status=status,
+                expires_at=expires_at,
+                evidence_note=evidence_note,
+                verified_at=now if verified else None,
+                verified_by=actor if verified and getattr(actor, "pk", None) else None,
+            )
+            audit.record(
+                "verification.created",
                 actor=actor,
-                cause=f"verification {verification.public_id} created valid",
+                object_type="verification",
+                object_id=verification.public_id,
+                data={
+                    "organization": organization.public_id,
+                    "kind": kind,
+                    "status": status,
+                    "expires_at": expires_at,
+                },
             )
     return verification
 

@@ -1,4 +1,5 @@
-"""A ModelAdmin whose every change is written with an audit row in one transaction."""
+"""Admin base classes: audited changes, and read-only views of records that change
+only through their services."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ class AuditedModelAdmin(admin.ModelAdmin):
                     self._audit(
                         request, inline_obj, "deleted", {"parent": _public_id(form.instance)}
                     )
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Lists and shows records; adding, editing and deleting happen elsewhere."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,18 +1,7 @@
 from django.contrib import admin
 
-from monitoring.admin_base import AuditedModelAdmin
+from monitoring.admin_base import AuditedModelAdmin, ReadOnlyAdmin
 from rollout.models import Release, RolloutPlan, StageTransition
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Release)

@@ -21,8 +21,7 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.response import Response
 
-from access.api_permissions import IsRolloutAdmin, IsStaff
-from access.permissions import StaffReadAdminWrite
+from access.permissions import IsRolloutAdmin, IsStaff, StaffReadAdminWrite
 from rollout.models import Release, RolloutPlan, StageTransition
 from rollout.plan_schema import MAX_PLAN_BYTES
 from rollout.plans import ApplyResult, apply_plan

@@ -83,3 +83,19 @@ def test_embedded_mode_generates_and_keeps_a_secret_key(tmp_path):
     assert len(key) >= 50
     assert second.stdout.strip().splitlines()[-1] == key
     assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
+
+
+def test_cache_is_redis_when_configured_and_in_process_otherwise():
+    from django.conf import settings
+    from django.core.cache import cache
+
+    backend = settings.CACHES["default"]["BACKEND"]
+    if os.environ.get("REDIS_URL"):
+        assert backend == "django_redis.cache.RedisCache"
+        from django_redis import get_redis_connection
+
+        get_redis_connection("default").ping()
+    else:
+        assert backend == "django.core.cache.backends.locmem.LocMemCache"
+    cache.set("stagegate:test", {"v": 1}, timeout=5)
+    assert cache.get("stagegate:test") == {"v": 1}
