@@ -8,7 +8,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from access.keys import issue_key
-from access.models import Organization, Verification, VerificationStatus
+from access.models import Organization, VerificationStatus
+from access.organizations import create_organization
+from access.verifications import create_verification
 from monitoring import audit
 from rollout.models import Release
 from rollout.plans import apply_plan
@@ -78,32 +80,18 @@ class Command(BaseCommand):
         return created
 
     def _orgs_and_keys(self) -> list[tuple[str, str, str]]:
-        now = timezone.now()
+        expires_at = timezone.now() + timedelta(days=365)
         keys = []
         for slug, name, tier, evidence in DEMO_ORGS:
-            org = Organization.objects.create(slug=slug, name=name, tier=tier)
-            audit.record(
-                "org.created",
-                actor=ACTOR,
-                object_type="organization",
-                object_id=org.public_id,
-                data={"slug": slug, "tier": tier},
-            )
+            org = create_organization(slug=slug, name=name, tier=tier, actor=ACTOR)
             if evidence:
-                verification = Verification.objects.create(
+                create_verification(
                     organization=org,
                     kind=evidence,
                     status=VerificationStatus.VALID,
-                    verified_at=now,
+                    expires_at=expires_at,
                     evidence_note="demo evidence",
-                    expires_at=now + timedelta(days=365),
-                )
-                audit.record(
-                    "verification.created",
                     actor=ACTOR,
-                    object_type="verification",
-                    object_id=verification.public_id,
-                    data={"organization": org.public_id, "kind": evidence, "status": "valid"},
                 )
             issued = issue_key(organization=org, name="demo", actor=ACTOR)
             keys.append((slug, tier, issued.raw_key))
