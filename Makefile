@@ -38,3 +38,7 @@ format: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
+
+## Benchmarks print figures (see docs/performance.md); they never fail a build.
+bench: install
+	$(BIN)/python bench/keys.py
