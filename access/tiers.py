@@ -36,13 +36,22 @@ def valid_kinds(organization: Organization, now: datetime) -> set[str]:
     return {v.kind for v in organization.verifications.all() if v.is_valid_at(now)}
 
 
-def effective_tiers_by_release(organization: Organization, now: datetime) -> dict[str, str]:
-    """The organization's effective tier at the current stage of every active release."""
-    kinds = valid_kinds(organization, now)
-    return {
-        release_name: effective_tier(organization.tier, kinds, stage)
-        for release_name, stage in current_stage_policies().items()
-    }
+def tiers_by_release(
+    claimed_tier: str, kinds: Iterable[str], policies: dict[str, StagePolicy]
+) -> dict[str, str]:
+    """Pure: release name -> effective tier, given each release's current stage policy."""
+    return {name: effective_tier(claimed_tier, kinds, stage) for name, stage in policies.items()}
+
+
+def effective_tiers_by_release(
+    organization: Organization, now: datetime, policies: dict[str, StagePolicy] | None = None
+) -> dict[str, str]:
+    """The organization's effective tier at the current stage of every active release.
+
+    Pass ``policies`` (from ``current_stage_policies``) to reuse plans already loaded."""
+    if policies is None:
+        policies = current_stage_policies()
+    return tiers_by_release(organization.tier, valid_kinds(organization, now), policies)
 
 
 def audit_tier_changes(
@@ -67,9 +76,10 @@ def tier_changes_audited(organization: Organization, *, actor, cause: str, now: 
     """Audit every effective-tier change that the enclosed change causes, per release.
 
     Use inside the change's transaction, around the writes."""
-    before = effective_tiers_by_release(organization, now)
+    policies = current_stage_policies()  # the enclosed change touches no plan
+    before = effective_tiers_by_release(organization, now, policies)
     yield
-    after = effective_tiers_by_release(organization, now)
+    after = effective_tiers_by_release(organization, now, policies)
     audit_tier_changes(organization, before, after, actor=actor, cause=cause)
 
 
@@ -118,6 +128,7 @@ def expire_verifications(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     due = Verification.objects.filter(status=VerificationStatus.VALID, expires_at__lte=now)
     count = 0
+    policies = current_stage_policies()
     for verification in due.select_related("organization"):
         # The tier already dropped at the expiry instant; compare with the evidence counted.
         with transaction.atomic():
@@ -127,13 +138,8 @@ def expire_verifications(*, now: datetime | None = None) -> int:
             organization = verification.organization
             kinds_after = valid_kinds(organization, now)
             kinds_before = kinds_after | {verification.kind}
-            policies = current_stage_policies()
-            before = {
-                r: effective_tier(organization.tier, kinds_before, s) for r, s in policies.items()
-            }
-            after = {
-                r: effective_tier(organization.tier, kinds_after, s) for r, s in policies.items()
-            }
+            before = tiers_by_release(organization.tier, kinds_before, policies)
+            after = tiers_by_release(organization.tier, kinds_after, policies)
             verification.status = VerificationStatus.EXPIRED
             verification.save(update_fields=["status"])
             audit.record(
