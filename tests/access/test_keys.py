@@ -187,3 +187,12 @@ def test_key_commands_reject_unknown_references(db):
         call_command("issue_key", "no-such-org")
     with pytest.raises(CommandError, match="no API key"):
         call_command("revoke_key", "key_0000000000000000")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 101])
+def test_issue_key_command_refuses_bad_name_and_issues_nothing(northwind, name):
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="1 to 100 characters"):
+        call_command("issue_key", "northwind-research", "--name", name)
+    assert not ApiKey.objects.exists()

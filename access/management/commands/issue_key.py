@@ -20,11 +20,16 @@ class Command(BaseCommand):
         organization = Organization.objects.filter(slug=org).first()
         if organization is None:
             raise CommandError(f"no organization {org!r}")
+        if not 1 <= len(name.strip()) <= 100:
+            raise CommandError("--name must be 1 to 100 characters")
         if expires_in_days is not None and expires_in_days <= 0:
             raise CommandError("--expires-in-days must be positive")
         expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
         issued = issue_key(
-            organization=organization, name=name, actor=f"cli:{actor}", expires_at=expires_at
+            organization=organization,
+            name=name.strip(),
+            actor=f"cli:{actor}",
+            expires_at=expires_at,
         )
         self.stderr.write(
             f"issued {issued.api_key.public_id} for {organization.slug} ({organization.tier}); "
