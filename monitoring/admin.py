@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from monitoring.admin_base import ReadOnlyAdmin
-from monitoring.models import AuditEvent
+from monitoring.models import AuditEvent, UsageEvent
 
 
 @admin.register(AuditEvent)
@@ -12,3 +12,13 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_filter = ("action", "object_type")
     search_fields = ("object_id", "actor", "action")
     readonly_fields = [f.name for f in AuditEvent._meta.fields]
+
+
+@admin.register(UsageEvent)
+class UsageEventAdmin(ReadOnlyAdmin):
+    """Usage events are telemetry written by the proxy; nobody edits them."""
+
+    list_display = ("created_at", "release", "stage", "tier", "org", "endpoint", "reason", "status")
+    list_filter = ("release", "stage", "tier", "decision", "reason")
+    search_fields = ("org", "key", "request_id")
+    date_hierarchy = "created_at"

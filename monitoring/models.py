@@ -27,3 +27,40 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} {self.object_type}:{self.object_id} by {self.actor}"
+
+
+class UsageEvent(models.Model):
+    """One proxy decision and what came of it: who, which release and stage, the
+    verdict and its reason, tokens and latency.
+
+    Written in batches by ``monitoring.usage`` off the request path, never updated.
+    No foreign keys: the table is large and append-only, and it must keep its rows
+    when a key or an organization is deleted. Ids are the public ones.
+    """
+
+    created_at = models.DateTimeField(db_index=True)
+    request_id = models.CharField(max_length=40)
+    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
+    key = models.CharField(max_length=24, blank=True, help_text="API key public id.")
+    tier = models.CharField(max_length=32, blank=True, help_text="Effective tier.")
+    release = models.CharField(max_length=63, blank=True, help_text="Model called.")
+    stage = models.CharField(max_length=40, blank=True)
+    endpoint = models.CharField(max_length=32)
+    decision = models.CharField(max_length=8, help_text="allow or deny")
+    reason = models.CharField(max_length=32, help_text="Decision reason code, or ok.")
+    status = models.PositiveSmallIntegerField(help_text="HTTP status returned to the client.")
+    error = models.CharField(max_length=32, blank=True, help_text="upstream_error, ...")
+    streamed = models.BooleanField(default=False)
+    client_disconnected = models.BooleanField(default=False)
+    flagged = models.BooleanField(default=False, help_text="Upstream content filter fired.")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(help_text="Total time in the proxy, to the last byte.")
+    upstream_latency_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["release", "stage", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.release} {self.reason} {self.status}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from stagegate.env import env_bool, env_choice, env_int, env_list, env_str
+from stagegate.env import env_bool, env_choice, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("STAGEGATE_VAR_DIR", str(BASE_DIR / "var")))
@@ -106,7 +106,14 @@ else:
             "NAME": VAR_DIR / "stagegate.sqlite3",
             # IMMEDIATE takes the write lock at BEGIN, so two writers cannot both read the
             # audit chain's tail before either appends to it.
-            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+            # WAL lets the proxy's readers work while a writer commits.
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL;",
+            },
+            # A file, not memory, so a server the tests start can share the test database.
+            "TEST": {"NAME": VAR_DIR / "test.sqlite3"},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -194,6 +201,31 @@ SPECTACULAR_SETTINGS = {
 STAGEGATE_ROTATION_GRACE_HOURS = env_int("STAGEGATE_ROTATION_GRACE_HOURS", 24, minimum=0)
 # last_used on an API key is written at most this often.
 STAGEGATE_KEY_LAST_USED_INTERVAL = env_int("STAGEGATE_KEY_LAST_USED_INTERVAL", 60, minimum=1)
+
+# The inference proxy (access/proxy.py). Seconds unless named otherwise.
+# How often each worker checks for changes; a revocation or pause lands within this.
+STAGEGATE_PROXY_POLL_INTERVAL = env_float("STAGEGATE_PROXY_POLL_INTERVAL", 0.25, minimum=0.01)
+# Reload everything this often even when nothing seems to have changed.
+STAGEGATE_PROXY_FULL_RELOAD = env_float("STAGEGATE_PROXY_FULL_RELOAD", 60.0, minimum=1.0)
+# Fail closed (503) when the database has not answered for this long.
+STAGEGATE_PROXY_MAX_STALENESS = env_float("STAGEGATE_PROXY_MAX_STALENESS", 10.0, minimum=0.1)
+STAGEGATE_PROXY_MAX_BODY_BYTES = env_int(
+    "STAGEGATE_PROXY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024
+)
+STAGEGATE_UPSTREAM_CONNECT_TIMEOUT = env_float(
+    "STAGEGATE_UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.01
+)
+# Longest silence between two bytes of an upstream response (not the whole response).
+STAGEGATE_UPSTREAM_READ_TIMEOUT = env_float("STAGEGATE_UPSTREAM_READ_TIMEOUT", 120.0, minimum=0.01)
+STAGEGATE_UPSTREAM_MAX_CONNECTIONS = env_int("STAGEGATE_UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
+# Sent as "Authorization: Bearer ..." to every upstream; plans never hold secrets.
+STAGEGATE_UPSTREAM_API_KEY = env_str("STAGEGATE_UPSTREAM_API_KEY", "")
+# Usage events: written every FLUSH seconds or BATCH events, whichever comes first.
+STAGEGATE_USAGE_FLUSH_SECONDS = env_float("STAGEGATE_USAGE_FLUSH_SECONDS", 1.0, minimum=0.01)
+STAGEGATE_USAGE_BATCH_SIZE = env_int("STAGEGATE_USAGE_BATCH_SIZE", 500, minimum=1)
+STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, minimum=1)
+# /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
+STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
 
 LOGGING = {
     "version": 1,

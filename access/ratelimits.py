@@ -1,0 +1,233 @@
+"""Rate limits and quotas: requests per minute, tokens per minute, tokens per day.
+
+Counted per (release, organization) in fixed windows: the current UTC minute and
+the current UTC day. Tokens are reserved before the call (the prompt estimate plus
+the completion limit) and settled with the real usage afterwards, so parallel and
+streaming calls cannot overrun a token limit while their usage is unknown.
+
+Two interchangeable backends with the same arithmetic:
+
+- ``RedisLimiter``: one Lua script checks every window and reserves in one atomic
+  step, shared by all workers; every key it writes has a TTL. If Redis cannot be
+  reached the check raises ``LimiterUnavailable`` and the proxy refuses (fail closed).
+- ``LocalLimiter``: the same in process, for the embedded single-process mode.
+
+A fixed window admits up to twice a per-minute limit across a window boundary
+(the end of one minute and the start of the next); documented in docs/policies.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rollout.plan_schema import TierLimits
+
+MINUTE = 60
+DAY = 86_400
+
+ALLOWED, RPM, TPM, TPD = 0, 1, 2, 3
+LIMIT_NAMES = {RPM: "requests_per_minute", TPM: "tokens_per_minute", TPD: "tokens_per_day"}
+
+
+class LimiterUnavailable(Exception):
+    """The shared counters cannot be reached; the caller must refuse."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    scope: str
+    minute: int
+    day: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    outcome: int  # ALLOWED, RPM, TPM or TPD
+    limits: TierLimits
+    requests: int  # requests counted in this minute, this one included if allowed
+    minute_tokens: int
+    day_tokens: int
+    now: float
+    reservation: Reservation | None
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome == ALLOWED
+
+    @property
+    def reason(self) -> str:
+        return (
+            "ok"
+            if self.outcome == ALLOWED
+            else ("quota_exceeded" if self.outcome == TPD else "rate_limited")
+        )
+
+    @property
+    def limit_name(self) -> str | None:
+        return LIMIT_NAMES.get(self.outcome)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds until the window that refused this request ends."""
+        period = DAY if self.outcome == TPD else MINUTE
+        return max(1, math.ceil(period - self.now % period))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """OpenAI-style x-ratelimit-* headers (and Retry-After when refused)."""
+        limits = self.limits
+        minute_reset = f"{max(1, math.ceil(MINUTE - self.now % MINUTE))}s".encode()
+        headers = [
+            (b"x-ratelimit-limit-requests", str(limits.requests_per_minute).encode()),
+            (
+                b"x-ratelimit-remaining-requests",
+                str(max(0, limits.requests_per_minute - self.requests)).encode(),
+            ),
+            (b"x-ratelimit-reset-requests", minute_reset),
+            (b"x-ratelimit-limit-tokens", str(limits.tokens_per_minute).encode()),
+            (
+                b"x-ratelimit-remaining-tokens",
+                str(max(0, limits.tokens_per_minute - self.minute_tokens)).encode(),
+            ),
+            (b"x-ratelimit-reset-tokens", minute_reset),
+        ]
+        if not self.allowed:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+
+def _windows(now: float) -> tuple[int, int]:
+    return int(now // MINUTE), int(now // DAY)
+
+
+def _outcome(limits: TierLimits, requests: int, minute_tokens: int, day_tokens: int, tokens: int):
+    if requests + 1 > limits.requests_per_minute:
+        return RPM
+    if minute_tokens + tokens > limits.tokens_per_minute:
+        return TPM
+    if day_tokens + tokens > limits.tokens_per_day:
+        return TPD
+    return ALLOWED
+
+
+# KEYS[1]: the minute hash {r: requests, t: tokens}; KEYS[2]: the day's token counter.
+# ARGV: rpm, tpm, tpd, tokens to reserve, minute TTL, day TTL.
+# Returns {outcome, requests, minute tokens, day tokens} after the reservation.
+ACQUIRE_LUA = """
+local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+local d = tonumber(redis.call('GET', KEYS[2]) or '0')
+local tokens = tonumber(ARGV[4])
+if r + 1 > tonumber(ARGV[1]) then return {1, r, t, d} end
+if t + tokens > tonumber(ARGV[2]) then return {2, r, t, d} end
+if d + tokens > tonumber(ARGV[3]) then return {3, r, t, d} end
+r = redis.call('HINCRBY', KEYS[1], 'r', 1)
+t = redis.call('HINCRBY', KEYS[1], 't', tokens)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+d = redis.call('INCRBY', KEYS[2], tokens)
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return {0, r, t, d}
+"""
+
+# Settle a reservation with the real usage: add ARGV[1] (may be negative) to the
+# windows it was taken from, only if they still exist, so no key lives without a TTL.
+SETTLE_LUA = """
+local delta = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 't', delta) end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
+return 1
+"""
+
+
+def _keys(prefix: str, scope: str, minute: int, day: int) -> list[str]:
+    return [f"{prefix}{scope}:m{minute}", f"{prefix}{scope}:d{day}"]
+
+
+class RedisLimiter:
+    """Limits shared by every worker, one atomic script per check."""
+
+    def __init__(self, client, *, prefix: str = "sg:rl:") -> None:
+        self.client = client  # a redis.asyncio.Redis
+        self.prefix = prefix
+        self._acquire = client.register_script(ACQUIRE_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+
+    async def acquire(self, scope: str, limits: TierLimits, tokens: int, now: float) -> LimitResult:
+        minute, day = _windows(now)
+        try:
+            outcome, requests, minute_tokens, day_tokens = await self._acquire(
+                keys=_keys(self.prefix, scope, minute, day),
+                args=[
+                    limits.requests_per_minute,
+                    limits.tokens_per_minute,
+                    limits.tokens_per_day,
+                    tokens,
+                    MINUTE * 2,
+                    DAY + MINUTE,
+                ],
+            )
+        except Exception as exc:  # connection refused, timeout, READONLY, ...
+            raise LimiterUnavailable(f"rate limit store unreachable: {exc}") from exc
+        reservation = Reservation(scope, minute, day, tokens) if outcome == ALLOWED else None
+        return LimitResult(outcome, limits, requests, minute_tokens, day_tokens, now, reservation)
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        delta = used_tokens - reservation.tokens
+        if delta:
+            await self._settle(
+                keys=_keys(self.prefix, reservation.scope, reservation.minute, reservation.day),
+                args=[delta],
+            )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class LocalLimiter:
+    """The same limits in process (embedded mode: one worker process)."""
+
+    def __init__(self) -> None:
+        self._minutes: dict[tuple[str, int], list[int]] = {}  # -> [requests, tokens]
+        self._days: dict[tuple[str, int], int] = {}
+        self._current_minute = 0
+
+    async def acquire(self, scope: str, limits: TierLimits, tokens: int, now: float) -> LimitResult:
+        # No await between read and write: atomic on the event loop.
+        minute, day = _windows(now)
+        if minute != self._current_minute:
+            self._expire(minute, day)
+        counts = self._minutes.get((scope, minute)) or [0, 0]
+        day_tokens = self._days.get((scope, day), 0)
+        outcome = _outcome(limits, counts[0], counts[1], day_tokens, tokens)
+        if outcome != ALLOWED:
+            return LimitResult(outcome, limits, counts[0], counts[1], day_tokens, now, None)
+        counts = [counts[0] + 1, counts[1] + tokens]
+        self._minutes[(scope, minute)] = counts
+        self._days[(scope, day)] = day_tokens + tokens
+        return LimitResult(
+            ALLOWED,
+            limits,
+            counts[0],
+            counts[1],
+            day_tokens + tokens,
+            now,
+            Reservation(scope, minute, day, tokens),
+        )
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        delta = used_tokens - reservation.tokens
+        counts = self._minutes.get((reservation.scope, reservation.minute))
+        if counts is not None:
+            counts[1] += delta
+        day_key = (reservation.scope, reservation.day)
+        if day_key in self._days:
+            self._days[day_key] += delta
+
+    def _expire(self, minute: int, day: int) -> None:
+        self._current_minute = minute
+        self._minutes = {k: v for k, v in self._minutes.items() if k[1] >= minute - 1}
+        self._days = {k: v for k, v in self._days.items() if k[1] >= day - 1}
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,110 @@
+"""Prometheus metrics: every series Stagegate exports, defined in one place.
+
+With several worker processes, ``stagegate.serve`` sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker imports prometheus_client; each process then writes its values
+to memory-mapped files there and ``render()`` merges them, so a scrape sees the
+totals of all workers whichever worker answers it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Proxy overhead is sub-millisecond and model calls take seconds: buckets span both.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "stagegate_proxy_requests",
+    "Proxy decisions, by release, stage, effective tier, endpoint and reason code (ok = allowed).",
+    ["release", "stage", "tier", "endpoint", "reason"],
+)
+REQUEST_LATENCY = Histogram(
+    "stagegate_proxy_request_duration_seconds",
+    "Time from request to last byte sent, in the proxy, by endpoint.",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_LATENCY = Histogram(
+    "stagegate_proxy_upstream_duration_seconds",
+    "Time the upstream took, from sending the request to its last byte, by release.",
+    ["release"],
+    buckets=LATENCY_BUCKETS,
+)
+RATE_LIMITED = Counter(
+    "stagegate_proxy_rate_limited",
+    "Requests refused by a rate limit or quota, by release, tier and the limit that applied.",
+    ["release", "tier", "limit"],
+)
+UPSTREAM_ERRORS = Counter(
+    "stagegate_proxy_upstream_errors",
+    "Upstream calls that failed: unreachable, timeout, bad status or bad body.",
+    ["release", "error"],
+)
+TOKENS = Counter(
+    "stagegate_proxy_tokens",
+    "Tokens served, by release, tier and kind (prompt or completion).",
+    ["release", "tier", "kind"],
+)
+CLIENT_DISCONNECTS = Counter(
+    "stagegate_proxy_client_disconnects",
+    "Streams the client left before the end.",
+    ["release"],
+)
+UNAVAILABLE = Counter(
+    "stagegate_proxy_unavailable",
+    "Requests refused with 503 because a store could not be reached (fail closed).",
+    ["store"],
+)
+SNAPSHOT_RELOADS = Counter(
+    "stagegate_proxy_snapshot_reloads",
+    "Times a worker loaded a new snapshot of keys, organizations and releases.",
+)
+SNAPSHOT_LOAD_SECONDS = Histogram(
+    "stagegate_proxy_snapshot_load_seconds",
+    "Time to load a snapshot from the database.",
+    buckets=LATENCY_BUCKETS,
+)
+INVALIDATION_LAG = Histogram(
+    "stagegate_proxy_invalidation_lag_seconds",
+    "From a change's commit (its audit row) to the new snapshot serving requests.",
+    buckets=LATENCY_BUCKETS,
+)
+USAGE_WRITTEN = Counter("stagegate_usage_events_written", "Usage events written to the database.")
+USAGE_DROPPED = Counter(
+    "stagegate_usage_events_dropped",
+    "Usage events dropped because the buffer was full while the database was unreachable.",
+)
+USAGE_PENDING = Gauge(
+    "stagegate_usage_events_pending",
+    "Usage events buffered in a worker, not yet written.",
+    multiprocess_mode="livesum",
+)
+
+
+def render() -> bytes:
+    """The exposition text for a scrape, merged across worker processes if needed."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a worker's live gauges when it exits (multiprocess mode only)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _multiprocess.mark_process_dead(pid)

@@ -1,0 +1,197 @@
+"""Usage telemetry: one event per proxy decision, buffered and written in batches.
+
+The request path only appends a tuple to an in-memory buffer (no I/O, no lock
+contention worth measuring). A daemon thread writes the buffer every
+``flush_interval`` seconds, or as soon as it holds ``batch_size`` events, with
+PostgreSQL ``COPY`` (or one bulk INSERT on SQLite).
+
+How many events a crash can lose (documented in docs/operations.md): on a clean
+shutdown (SIGTERM, lifespan shutdown) none; on a hard kill, those recorded since
+the last write, i.e. at most ``batch_size`` events or ``flush_interval`` seconds of
+traffic per worker process, whichever is smaller, plus a batch being written at
+that instant. While the database is unreachable, events stay buffered up to
+``max_buffer`` per process; beyond that the oldest are dropped and counted in
+``stagegate_usage_events_dropped_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from django.db import close_old_connections, connection
+from django.db.models import Q
+from django.utils import timezone
+
+from access.models import ApiKey
+from monitoring.models import UsageEvent
+
+log = logging.getLogger(__name__)
+
+# The order of the tuple a caller records; created_at is POSIX seconds.
+FIELDS: tuple[str, ...] = (
+    "created_at",
+    "request_id",
+    "org",
+    "key",
+    "tier",
+    "release",
+    "stage",
+    "endpoint",
+    "decision",
+    "reason",
+    "status",
+    "error",
+    "streamed",
+    "client_disconnected",
+    "flagged",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "upstream_latency_ms",
+)
+_CREATED_AT = FIELDS.index("created_at")
+
+
+def _row(event: tuple) -> tuple:
+    row = list(event)
+    row[_CREATED_AT] = datetime.fromtimestamp(event[_CREATED_AT], UTC)
+    return tuple(row)
+
+
+def write_events(events: list[tuple]) -> None:
+    """Write events in one statement: COPY on PostgreSQL, a bulk INSERT elsewhere."""
+    if not events:
+        return
+    if connection.vendor == "postgresql":
+        table = UsageEvent._meta.db_table
+        columns = ", ".join(FIELDS)
+        with (
+            connection.cursor() as cursor,
+            cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+        ):
+            for event in events:
+                copy.write_row(_row(event))
+    else:
+        UsageEvent.objects.bulk_create(
+            [UsageEvent(**dict(zip(FIELDS, _row(event), strict=True))) for event in events],
+            batch_size=500,
+        )
+
+
+class UsageRecorder:
+    """A bounded buffer of usage events and the thread that writes it."""
+
+    def __init__(
+        self,
+        *,
+        flush_interval: float = 1.0,
+        batch_size: int = 500,
+        max_buffer: int = 100_000,
+        writer: Callable[[list[tuple]], None] = write_events,
+        on_drop: Callable[[int], None] | None = None,
+        on_write: Callable[[int, float], None] | None = None,
+        last_used_interval: int = 60,
+    ) -> None:
+        self.last_used_interval = last_used_interval
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.max_buffer = max_buffer
+        self._writer = writer
+        self._on_drop = on_drop
+        self._on_write = on_write
+        self._buffer: deque[tuple] = deque()
+        self._used: set[str] = set()  # key ids whose last_used_at is due
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def record(self, event: tuple) -> None:
+        """Buffer one event (a tuple in ``FIELDS`` order). Never blocks, never raises."""
+        self._buffer.append(event)
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def mark_used(self, key_id: str) -> None:
+        """Have the next flush write the key's last_used_at (the caller rate-limits this)."""
+        self._used.add(key_id)
+
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> bool:
+        """Write everything buffered so far; on failure keep it for the next try."""
+        batch: list[tuple] = []
+        while self._buffer:
+            batch.append(self._buffer.popleft())
+        if not batch:
+            return True
+        started = time.perf_counter()
+        try:
+            self._writer(batch)
+        except Exception as exc:
+            log.warning("usage events not written yet (%d kept): %s", len(batch), exc)
+            connection.close()
+            self._buffer.extendleft(reversed(batch))
+            overflow = len(self._buffer) - self.max_buffer
+            if overflow > 0:
+                for _ in range(overflow):
+                    self._buffer.popleft()
+                self.dropped += overflow
+                if self._on_drop is not None:
+                    self._on_drop(overflow)
+            return False
+        self.written += len(batch)
+        if self._on_write is not None:
+            self._on_write(len(batch), time.perf_counter() - started)
+        return True
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stagegate-usage", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after a last flush (a clean shutdown loses nothing)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        else:
+            self.flush()
+
+    def _touch_keys(self) -> None:
+        if not self._used:
+            return
+        used, self._used = self._used, set()
+        now = timezone.now()
+        try:
+            ApiKey.objects.filter(key_id__in=used).filter(
+                Q(last_used_at__isnull=True)
+                | Q(last_used_at__lt=now - timedelta(seconds=self.last_used_interval))
+            ).update(last_used_at=now)
+        except Exception as exc:  # last_used is a convenience; never worth an outage
+            log.warning("could not write last_used_at: %s", exc)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            self._wake.wait(self.flush_interval + backoff)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            close_old_connections()
+            ok = self.flush()
+            self._touch_keys()
+            backoff = 0.0 if ok else min(max(backoff * 2, 0.5), 30.0)
+            if stopping:
+                if not ok:
+                    ok = self.flush()  # one last try before giving up
+                connection.close()
+                return

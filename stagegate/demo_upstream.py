@@ -1,0 +1,501 @@
+"""A built-in demo model server that speaks the OpenAI HTTP API, with no weights.
+
+It lets a new user point a release's ``upstream.base_url`` at something real at once::
+
+    python -m stagegate.demo_upstream --host 127.0.0.1 --port 8001
+
+Endpoints (all under ``/v1``): ``POST chat/completions``, ``POST completions`` (both
+with ``"stream": true`` as server-sent events and ``stream_options.include_usage``),
+``POST embeddings`` (``encoding_format`` ``float`` or ``base64``), ``GET models`` and
+``GET models/{id}``. Anything else is a 404, a malformed body a 400, both in OpenAI's
+error shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Output is deterministic: the text is a function of the model and the prompt (words
+from a fixed vocabulary, 16 by default, cut to ``max_tokens`` /
+``max_completion_tokens`` with ``finish_reason: "length"``); an embedding is an
+L2-normalised vector (16 dimensions, or ``dimensions``) derived from the model and
+the input. Token counts are approximations: a completion token is one
+whitespace-separated word, a prompt token is four bytes of UTF-8 (at least one); a
+token-array input counts one token per id. ``n`` and sampling parameters are ignored.
+
+Configuration is read once, when the app is created (the default ``app`` at import):
+
+``STAGEGATE_DEMO_MODELS``
+    Comma-separated ids listed by ``GET /v1/models`` (default ``atlas-2-2026-11``).
+    Every model id is accepted by the generation endpoints.
+``STAGEGATE_DEMO_LATENCY_MS`` / ``--latency-ms``
+    Delay before a generation endpoint answers: the time to first token (default 0).
+``STAGEGATE_DEMO_TOKEN_LATENCY_MS`` / ``--token-latency-ms``
+    Delay between consecutive streamed tokens (default 0). Non-streamed responses
+    wait only the first-token delay.
+
+Fault injection, for testing the proxy (the model ids are also known to
+``GET /v1/models/{id}``):
+
+``demo-error-500`` / ``demo-error-429``
+    Answer with that status and an OpenAI error body (429 carries ``retry-after: 1``).
+``demo-hang``
+    Answer nothing for an hour, so the caller's read timeout fires. The wait ends
+    early, without an answer, when the client disconnects.
+``demo-bad-json``
+    Answer 200 with the body ``not json``.
+``demo-stream-cut``
+    With ``"stream": true``, send the first three events and end the body without
+    the final chunk or ``data: [DONE]``; otherwise answer normally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+import orjson
+
+from stagegate.env import env_int, env_list
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MODELS = ["atlas-2-2026-11"]
+DEFAULT_COMPLETION_WORDS = 16
+MAX_EMBEDDING_DIMENSIONS = 4096
+MAX_BODY_BYTES = 16 * 1024 * 1024
+FAULT_MODELS = ("demo-error-500", "demo-error-429", "demo-hang", "demo-bad-json", "demo-stream-cut")
+_HANG_SECONDS = 3600
+_STREAM_CUT_EVENTS = 3
+_MODELS_CREATED = 1_767_225_600  # 2026-01-01T00:00:00Z: a fixed, plausible timestamp
+
+# fmt: off
+VOCABULARY = (
+    "the", "a", "quiet", "river", "carries", "light", "across", "an", "open", "field", "while",
+    "small", "birds", "gather", "near", "old", "stone", "walls", "and", "warm", "rain", "falls",
+    "softly", "on", "green", "hills", "under", "clear", "morning", "sky", "as", "distant",
+    "bells", "ring", "through", "narrow", "streets", "full", "of", "bright", "lanterns", "paper",
+    "boats", "drift", "slowly", "past", "tall", "trees", "where", "patient", "gardeners", "plant",
+    "new", "seeds",
+)
+# fmt: on
+
+_JSON_TYPE = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_RETRY_HEADERS = [(b"retry-after", b"1")]
+_DONE = b"data: [DONE]\n\n"
+_MODEL_PREFIX = "/v1/models/"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the server lists and how slowly it answers."""
+
+    models: tuple[str, ...] = tuple(DEFAULT_MODELS)
+    latency_ms: int = 0
+    token_latency_ms: int = 0
+
+    @classmethod
+    def from_env(cls) -> DemoConfig:
+        """The configuration from ``STAGEGATE_DEMO_*``; a malformed value raises."""
+        return cls(
+            models=tuple(env_list("STAGEGATE_DEMO_MODELS", DEFAULT_MODELS)),
+            latency_ms=env_int("STAGEGATE_DEMO_LATENCY_MS", 0, minimum=0),
+            token_latency_ms=env_int("STAGEGATE_DEMO_TOKEN_LATENCY_MS", 0, minimum=0),
+        )
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape; raised anywhere on the request path."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or []
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def generate(model: str, prompt: str, limit: int | None) -> tuple[list[str], str]:
+    """The completion's tokens and finish reason for ``prompt`` sent to ``model``.
+
+    Joined, the tokens are the text (each after the first starts with a space), so a
+    stream and a whole response agree and every token is one whitespace-separated word.
+    The finish reason is ``"length"`` when ``limit`` cut the default length short.
+    """
+    seed = int.from_bytes(hashlib.sha256(f"{model}\0{prompt}".encode()).digest()[:8], "big")
+    # Not cryptography: a seeded PRNG makes the demo text reproducible.
+    rng = random.Random(seed)  # noqa: S311
+    count = DEFAULT_COMPLETION_WORDS if limit is None else min(limit, DEFAULT_COMPLETION_WORDS)
+    words = [rng.choice(VOCABULARY) for _ in range(count)]
+    finish = "length" if count < DEFAULT_COMPLETION_WORDS else "stop"
+    words[0] = words[0].capitalize()
+    if finish == "stop":
+        words[-1] += "."
+    return [words[0], *(" " + word for word in words[1:])], finish
+
+
+def prompt_tokens(text: str) -> int:
+    """Approximate token count of ``text``: four UTF-8 bytes a token, at least one."""
+    return max(1, len(text.encode()) // 4)
+
+
+def embed(model: str, text: str, dimensions: int) -> bytes:
+    """A unit vector for ``text``, as ``dimensions`` little-endian float32 values."""
+    seed = int.from_bytes(hashlib.sha256(f"{model}\0{text}".encode()).digest()[:8], "big")
+    rng = random.Random(seed)  # noqa: S311  # reproducibility, not secrecy
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return struct.pack(f"<{dimensions}f", *(x / norm for x in vector))
+
+
+def _limit(request: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = request.get(name)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise ApiError(400, f"'{name}' must be a positive integer", param=name)
+        return value
+    return None
+
+
+def _inputs(value: Any, param: str) -> list[tuple[str, int]]:
+    """(text, token count) for a string, a list of strings, or token array(s)."""
+    if isinstance(value, str):
+        return [(value, prompt_tokens(value))]
+    if isinstance(value, list) and value:
+        if _is_token_array(value):
+            return [(",".join(map(str, value)), len(value))]
+        if all(isinstance(item, str) or _is_token_array(item) for item in value):
+            return [_inputs(item, param)[0] for item in value]
+    raise ApiError(
+        400, f"'{param}' must be a string, a list of strings or token arrays", param=param
+    )
+
+
+def _is_token_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
+def _chat_prompt(messages: Any) -> str:
+    """The conversation as ``role: content`` lines; message parts other than text as [type]."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    lines = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, "each message needs a 'role'", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                str(part.get("text", "")) if part.get("type") == "text" else f"[{part.get('type')}]"
+                for part in content
+                if isinstance(part, dict)
+            )
+        lines.append(f"{message['role']}: {content or ''}")
+    return "\n".join(lines)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    head = [_JSON_TYPE, (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class DemoUpstream:
+    """The ASGI 3 application; configuration is fixed when it is constructed."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.config = config
+        self.latency = config.latency_ms / 1000
+        self.token_latency = config.token_latency_ms / 1000
+        self.known_models = frozenset(config.models) | frozenset(FAULT_MODELS)
+        self.models_body = orjson.dumps(
+            {"object": "list", "data": [_model(m) for m in config.models]}
+        )
+        self.posts = {
+            "/v1/chat/completions": self.completion,
+            "/v1/completions": self.completion,
+            "/v1/embeddings": self.embeddings,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # Lets the app run under servers that insist on the lifespan protocol.
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            if method == "POST" and path in self.posts:
+                await self.posts[path](path, receive, send)
+            elif method == "GET" and path == "/v1/models":
+                await _send_json(send, 200, self.models_body)
+            elif method == "GET" and path.startswith(_MODEL_PREFIX):
+                await self.model(path.removeprefix(_MODEL_PREFIX), send)
+            else:
+                raise ApiError(404, f"Unknown request URL: {method} {path}", code="unknown_url")
+        except ApiError as error:
+            await _send_json(send, error.status, orjson.dumps(error.body), error.headers)
+
+    async def model(self, model_id: str, send: Send) -> None:
+        """``/v1/models/{id}`` for a listed or a fault model; any other id is a 404."""
+        if model_id not in self.known_models:
+            raise ApiError(
+                404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            )
+        await _send_json(send, 200, orjson.dumps(_model(model_id)))
+
+    async def _request(self, receive: Receive) -> tuple[dict[str, Any], str]:
+        """The JSON body and its ``model``; a malformed body raises a 400."""
+        try:
+            request = orjson.loads(await _read_body(receive))
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "The request body is not valid JSON.") from None
+        if not isinstance(request, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        model = request.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' is required", param="model")
+        return request, model
+
+    async def _wait_and_fault(self, model: str, receive: Receive, send: Send) -> bool:
+        """Sleep the first-token delay and play a fault model; True if it has answered."""
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        if model == "demo-error-500":
+            raise ApiError(500, "The demo upstream failed on purpose.", kind="server_error")
+        if model == "demo-error-429":
+            raise ApiError(
+                429,
+                "Rate limit reached (demo).",
+                kind="requests",
+                code="rate_limit_exceeded",
+                headers=_RETRY_HEADERS,
+            )
+        if model == "demo-hang":
+            # Wait for the client to give up rather than hold a task for an hour after it left.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_until_disconnect(receive), _HANG_SECONDS)
+                return True
+        if model == "demo-bad-json":
+            await _send_json(send, 200, b"not json")
+            return True
+        return False
+
+    async def completion(self, path: str, receive: Receive, send: Send) -> None:
+        """``/v1/chat/completions`` and ``/v1/completions``, whole or streamed."""
+        request, model = await self._request(receive)
+        chat = path == "/v1/chat/completions"
+        if chat:
+            prompt = _chat_prompt(request.get("messages"))
+            limit = _limit(request, "max_completion_tokens", "max_tokens")
+        else:
+            if "prompt" not in request:
+                raise ApiError(400, "'prompt' is required", param="prompt")
+            prompt = "\n".join(text for text, _ in _inputs(request["prompt"], "prompt"))
+            limit = _limit(request, "max_tokens")
+        stream = request.get("stream") is True
+        options = request.get("stream_options")
+        include_usage = (
+            stream and isinstance(options, dict) and options.get("include_usage") is True
+        )
+        if await self._wait_and_fault(model, receive, send):
+            return
+        tokens, finish = generate(model, prompt, limit)
+        usage = {
+            "prompt_tokens": (p := prompt_tokens(prompt)),
+            "completion_tokens": len(tokens),
+            "total_tokens": p + len(tokens),
+        }
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex(),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        if not stream:
+            text = "".join(tokens)
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            )
+            await _send_json(send, 200, orjson.dumps({**head, "choices": [choice], "usage": usage}))
+            return
+        if chat:
+            head["object"] = "chat.completion.chunk"
+        if include_usage:
+            head["usage"] = None  # as OpenAI does: every chunk but the last has a null usage
+        events = _events(head, chat, tokens, finish, usage if include_usage else None)
+        if model == "demo-stream-cut":
+            events = (event for _, event in zip(range(_STREAM_CUT_EVENTS), events, strict=False))
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        first_token = 1 if chat else 0  # chat streams open with a role chunk
+        for index, event in enumerate(events):
+            # The first token goes out at once (its wait is the first-token delay); later ones
+            # are paced, and the closing chunks follow the last token at once.
+            if self.token_latency > 0 and first_token < index < first_token + len(tokens):
+                await asyncio.sleep(self.token_latency)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def embeddings(self, path: str, receive: Receive, send: Send) -> None:
+        """``/v1/embeddings``: one vector per input, in ``input`` order."""
+        request, model = await self._request(receive)
+        if "input" not in request:
+            raise ApiError(400, "'input' is required", param="input")
+        inputs = _inputs(request["input"], "input")
+        dimensions = request.get("dimensions", 16)
+        if type(dimensions) is not int or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
+            raise ApiError(
+                400, f"'dimensions' must be 1..{MAX_EMBEDDING_DIMENSIONS}", param="dimensions"
+            )
+        encoding = request.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(
+                400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
+            )
+        if await self._wait_and_fault(model, receive, send):
+            return
+        data = []
+        for index, (text, _) in enumerate(inputs):
+            packed = embed(model, text, dimensions)
+            # Floats are read back from the float32 bytes so both encodings carry one vector.
+            vector: Any = (
+                base64.b64encode(packed).decode()
+                if encoding == "base64"
+                else list(struct.unpack(f"<{dimensions}f", packed))
+            )
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(count for _, count in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        body = {"object": "list", "data": data, "model": model, "usage": usage}
+        await _send_json(send, 200, orjson.dumps(body))
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": _MODELS_CREATED,
+        "owned_by": "stagegate-demo",
+    }
+
+
+def _events(
+    head: dict[str, Any], chat: bool, tokens: list[str], finish: str, usage: dict[str, int] | None
+) -> Iterator[bytes]:
+    """The SSE events of a stream: [role chunk,] a chunk a token, the finish chunk,
+    [the usage chunk,] then ``[DONE]``."""
+
+    def chunk(choice: dict[str, Any] | None, **extra: Any) -> bytes:
+        payload = {**head, "choices": [choice] if choice else [], **extra}
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    if chat:
+        yield chunk(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        )
+        for token in tokens:
+            yield chunk({"index": 0, "delta": {"content": token}, "finish_reason": None})
+        yield chunk({"index": 0, "delta": {}, "finish_reason": finish})
+    else:
+        for token in tokens:
+            yield chunk({"index": 0, "text": token, "logprobs": None, "finish_reason": None})
+        yield chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
+    if usage is not None:
+        yield chunk(None, usage=usage)
+    yield _DONE
+
+
+def create_app(config: DemoConfig | None = None) -> DemoUpstream:
+    """An app with ``config``, or with the environment's configuration read now."""
+    return DemoUpstream(config or DemoConfig.from_env())
+
+
+app = create_app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the demo upstream with uvicorn; flags override the environment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stagegate.demo_upstream",
+        description="A demo model server that speaks the OpenAI HTTP API.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--latency-ms", type=_milliseconds, help="time to first token")
+    parser.add_argument("--token-latency-ms", type=_milliseconds, help="delay between tokens")
+    args = parser.parse_args(argv)
+    overrides = {
+        name: value
+        for name in ("latency_ms", "token_latency_ms")
+        if (value := getattr(args, name)) is not None
+    }
+    import uvicorn  # only the server needs it; importing the app stays light
+
+    uvicorn.run(
+        create_app(dataclasses.replace(app.config, **overrides)),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+
+
+def _milliseconds(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
+if __name__ == "__main__":
+    main()
