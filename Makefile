@@ -19,10 +19,11 @@ install: $(STAMP)
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
 
-## Run the service: migrate, seed the demo on an empty database, serve on $(HOST):$(PORT).
+## Run the service: migrate, seed the demo on an empty database, serve on $(HOST):$(PORT)
+## with the built-in demo model on port 8001.
 run: migrate
 	$(BIN)/python manage.py seed_demo --if-empty
-	$(BIN)/uvicorn stagegate.asgi:application --host $(HOST) --port $(PORT) --lifespan off
+	$(BIN)/python -m stagegate.serve --host $(HOST) --port $(PORT) --demo-upstream
 
 ## Run the test suite (embedded mode unless DATABASE_URL / REDIS_URL are set).
 test: install

@@ -103,7 +103,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "stagegate.sqlite3",
+            "NAME": env_str("STAGEGATE_SQLITE_PATH", str(VAR_DIR / "stagegate.sqlite3")),
             # IMMEDIATE takes the write lock at BEGIN, so two writers cannot both read the
             # audit chain's tail before either appends to it.
             # WAL lets the proxy's readers work while a writer commits.
