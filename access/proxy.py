@@ -350,12 +350,13 @@ class Proxy:
 
     def _record(self, call: Call) -> None:
         decision = call.decision
-        if decision is not None:
+        if call.code:  # refused outside the decision: bad body, a store unreachable (503)
+            reason, verdict = call.code, "deny"
+        elif decision is not None:  # (an upstream failure keeps its allow, with .error set)
             reason = decision.reason.value
             verdict = "allow" if decision.allowed else "deny"
-        else:  # refused before a decision (bad body, 503), or a listing that succeeded
-            reason = call.code or ("ok" if call.status == 200 else "error")
-            verdict = "allow" if call.status == 200 else "deny"
+        else:  # a listing that succeeded
+            reason, verdict = "ok", "allow"
         release = call.model[:63]
         stage = (decision.stage or "") if decision else ""
         tier = (decision.tier or "") if decision else ""
@@ -428,7 +429,8 @@ class Proxy:
             await self._model_call_inner(scope, receive, send, call, suffix)
         except HTTPError as exc:
             call.status = exc.status
-            call.code = exc.code
+            if not call.error:  # an upstream failure is recorded as .error, not a refusal
+                call.code = exc.code
             await self._respond(
                 send,
                 exc.status,

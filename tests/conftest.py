@@ -95,3 +95,36 @@ def login_as(api):
         return api
 
     return login
+
+
+# --- Live servers (tests/live.py): real processes on free ports -------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_upstream():
+    """The built-in demo model server, one per test session."""
+    from tests.live import DemoUpstream
+
+    upstream = DemoUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy_server(django_db_setup, django_db_blocker):
+    """Stagegate (``python -m stagegate.serve``) on the test database, one per module."""
+    from tests.live import ProxyServer
+
+    with django_db_blocker.unblock():
+        server = ProxyServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def live_db(transactional_db):
+    """Committed data a server process can read; emptied after the test."""
+    from tests.live import flushable_audit_table
+
+    with flushable_audit_table():
+        yield

@@ -1,0 +1,530 @@
+"""The proxy end to end: a real server on a free port, the official openai client,
+the demo upstream, and the test database underneath.
+
+Cast: atlas-2 in its first stage (research_preview: northwind-research only) and
+atlas-lite, the same plan at its last stage (general: every tier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from django.db import connection, transaction
+
+from access.keys import issue_key, revoke_key
+from access.models import ApiKey, Organization, Verification
+from access.tiers import set_verification_status
+from monitoring import audit
+from monitoring.models import UsageEvent
+from rollout.models import Release
+from rollout.plans import apply_plan
+from tests.factories import EXAMPLE_PLAN, make_org
+from tests.live import METRICS_TOKEN, DemoUpstream, ProxyServer, free_port, wait_until
+
+pytestmark = pytest.mark.usefixtures("live_db")
+
+ORGS = {
+    "northwind-research": "research_partner",
+    "acme-commercial": "verified_commercial",
+    "tartu-university": "credentialed_academic",
+    "public-dev": "public",
+}
+HELLO = [{"role": "user", "content": "Say hello to the staged rollout."}]
+
+
+def plan_text(base_url: str, *, release: str = "atlas-2", model: str = "atlas-2-2026-11", rpm=None):
+    text = EXAMPLE_PLAN.read_text()
+    text = text.replace("release: atlas-2", f"release: {release}")
+    text = text.replace("base_url: http://127.0.0.1:8001/v1", f"base_url: {base_url}")
+    text = text.replace("model: atlas-2-2026-11", f"model: {model}")
+    if rpm is not None:
+        text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)
+    return text
+
+
+def set_release(name: str, **fields) -> None:
+    """Change a release's stage or state, audited (as the transition service will)."""
+    with transaction.atomic():
+        release = Release.objects.select_for_update().get(name=name)
+        for field, value in fields.items():
+            setattr(release, field, value)
+        release.version += 1
+        release.save()
+        audit.record(
+            "release.changed",
+            actor=None,
+            object_type="release",
+            object_id=release.public_id,
+            data=fields,
+        )
+
+
+@dataclass
+class Cast:
+    server: ProxyServer
+    upstream: DemoUpstream
+    keys: dict[str, str]
+
+    def client(self, org: str = "northwind-research", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.server.url}/v1", api_key=self.keys[org], max_retries=0, **kwargs
+        )
+
+    def apply(self, **kwargs) -> None:
+        apply_plan(plan_text(self.upstream.base_url, **kwargs), actor=None)
+        self.server.wait_synced()
+
+
+@pytest.fixture
+def cast(proxy_server, demo_upstream) -> Cast:
+    for slug, tier in ORGS.items():
+        make_org(slug, tier)
+    apply_plan(plan_text(demo_upstream.base_url), actor=None)
+    apply_plan(plan_text(demo_upstream.base_url, release="atlas-lite"), actor=None)
+    set_release("atlas-lite", current_stage="general")
+    keys = {
+        org.slug: issue_key(organization=org, name="test", actor=None).raw_key
+        for org in Organization.objects.all()
+    }
+    proxy_server.wait_synced()
+    return Cast(proxy_server, demo_upstream, keys)
+
+
+def usage_events(count: int, **filters) -> list[UsageEvent]:
+    """Wait for ``count`` usage events of this test's organizations matching ``filters``.
+
+    (A server shared by the module may still write the previous test's last events.)"""
+    orgs = list(Organization.objects.values_list("public_id", flat=True))
+    query = UsageEvent.objects.filter(org__in=orgs, **filters).order_by("id")
+    return wait_until(
+        lambda: rows if len(rows := list(query.all())) >= count else None,
+        timeout=10,
+        what=f"{count} usage events {filters}",
+    )
+
+
+# --- who sees what --------------------------------------------------------------------------
+
+
+def test_each_tier_sees_exactly_the_models_its_stage_admits(cast):
+    expected = {
+        "northwind-research": ["atlas-2", "atlas-lite"],
+        "acme-commercial": ["atlas-lite"],
+        "tartu-university": ["atlas-lite"],
+        "public-dev": ["atlas-lite"],
+    }
+    seen = {org: sorted(m.id for m in cast.client(org).models.list()) for org in ORGS}
+    assert seen == expected
+    assert cast.client().models.retrieve("atlas-2").id == "atlas-2"
+
+
+def test_a_model_the_tier_may_not_use_is_answered_as_not_found(cast):
+    acme = cast.client("acme-commercial")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        acme.chat.completions.create(model="atlas-2", messages=HELLO)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        acme.chat.completions.create(model="no-such-model", messages=HELLO)
+    with pytest.raises(openai.NotFoundError):
+        acme.models.retrieve("atlas-2")
+    assert hidden.value.code == unknown.value.code == "unknown_model"
+    assert hidden.value.message.replace("atlas-2", "X") == unknown.value.message.replace(
+        "no-such-model", "X"
+    )
+    reasons = [e.reason for e in usage_events(2, endpoint="chat.completions")]
+    assert reasons == ["model_not_available", "unknown_model"]
+
+
+def test_access_report_explains_refusals_without_revealing_hidden_models(cast):
+    response = httpx.get(
+        f"{cast.server.url}/v1/access",
+        headers={"Authorization": f"Bearer {cast.keys['acme-commercial']}"},
+    )
+    assert response.status_code == 200
+    report = response.json()
+    assert [(m["id"], m["allowed"], m["tier"]) for m in report["models"]] == [
+        ("atlas-lite", True, "verified_commercial")
+    ]
+    assert report["models"][0]["limits"]["requests_per_minute"] == 300
+
+
+def test_missing_verification_is_refused_with_its_reason(cast):
+    verification = Verification.objects.get(organization__slug="northwind-research")
+    set_verification_status(verification, status="revoked", actor=None)
+    cast.server.wait_synced()
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert refused.value.code == "verification_required"
+    # At general, public is admitted: the org is served as public, with public's limits.
+    reply = cast.client().with_raw_response.chat.completions.create(
+        model="atlas-lite", messages=HELLO
+    )
+    assert reply.headers["x-stagegate-tier"] == "public"
+    assert reply.headers["x-ratelimit-limit-requests"] == "20"
+
+
+# --- the calls ------------------------------------------------------------------------------
+
+
+def test_chat_completions_embeddings_and_streaming_work(cast):
+    client = cast.client()
+    chat = client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=8)
+    assert chat.choices[0].message.content
+    assert chat.usage.completion_tokens == 8
+    assert chat.model == "atlas-2-2026-11"  # the upstream's own id, as OpenAI answers
+
+    completion = client.completions.create(model="atlas-2", prompt="Once upon a time", max_tokens=5)
+    assert completion.choices[0].text
+    assert completion.usage.completion_tokens == 5
+
+    embedding = client.embeddings.create(model="atlas-2", input=["one", "two"])
+    assert [len(item.embedding) for item in embedding.data] == [16, 16]
+
+    chunks = list(
+        client.chat.completions.create(
+            model="atlas-2",
+            messages=HELLO,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+
+    # Without include_usage the client gets no usage chunk, but the proxy still counts.
+    plain = list(
+        client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=8, stream=True)
+    )
+    assert [c for c in plain if not c.choices] == []
+    events = usage_events(5, endpoint__in=["chat.completions", "completions", "embeddings"])
+    assert [(e.endpoint, e.streamed, e.completion_tokens, e.status) for e in events] == [
+        ("chat.completions", False, 8, 200),
+        ("completions", False, 5, 200),
+        ("embeddings", False, 0, 200),
+        ("chat.completions", True, 8, 200),
+        ("chat.completions", True, 8, 200),
+    ]
+    assert {(e.org, e.tier, e.stage, e.decision) for e in events} == {
+        (events[0].org, "research_partner", "research_preview", "allow")
+    }
+
+
+def test_max_tokens_above_the_tier_limit_is_refused(cast):
+    with pytest.raises(openai.BadRequestError) as refused:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=5000)
+    assert refused.value.code == "request_too_large"
+
+
+# --- changes take effect at once --------------------------------------------------------------
+
+
+def _refused_within(call, error, code: str, timeout: float = 1.0) -> float:
+    started = time.monotonic()
+    while True:
+        try:
+            call()
+        except error as exc:
+            assert exc.code == code
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"still admitted after {timeout} s"
+        time.sleep(0.01)
+
+
+def test_revoked_key_is_refused_within_one_second(cast):
+    client = cast.client()
+    client.chat.completions.create(model="atlas-2", messages=HELLO)
+    key = ApiKey.objects.get(organization__slug="northwind-research")
+    revoke_key(api_key=key, actor=None, reason="test")
+    _refused_within(
+        lambda: client.chat.completions.create(model="atlas-2", messages=HELLO),
+        openai.AuthenticationError,
+        "key_revoked",
+    )
+
+
+def test_paused_release_is_refused_within_one_second(cast):
+    client = cast.client()
+    client.chat.completions.create(model="atlas-2", messages=HELLO)
+    set_release("atlas-2", state="paused")
+    _refused_within(
+        lambda: client.chat.completions.create(model="atlas-2", messages=HELLO),
+        openai.PermissionDeniedError,
+        "release_paused",
+    )
+    # Paused is not hidden from its own tiers, and stays invisible to the others.
+    with pytest.raises(openai.NotFoundError):
+        cast.client("acme-commercial").chat.completions.create(model="atlas-2", messages=HELLO)
+
+
+def test_a_stage_change_opens_the_model_to_the_next_tier(cast):
+    acme = cast.client("acme-commercial")
+    with pytest.raises(openai.NotFoundError):
+        acme.chat.completions.create(model="atlas-2", messages=HELLO)
+    set_release("atlas-2", current_stage="academic")
+    cast.server.wait_synced(timeout=1)
+    assert acme.chat.completions.create(model="atlas-2", messages=HELLO).choices
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def test_rate_limit_holds_under_concurrent_callers(cast):
+    cast.apply(rpm=5)
+    if time.time() % 60 > 50:  # keep the burst inside one fixed minute window
+        time.sleep(61 - time.time() % 60)
+    client = openai.AsyncOpenAI(
+        base_url=f"{cast.server.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
+    )
+
+    async def one():
+        try:
+            await client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=4)
+            return "ok"
+        except openai.RateLimitError as exc:
+            assert exc.code == "rate_limited"
+            assert 1 <= int(exc.response.headers["retry-after"]) <= 60
+            assert exc.response.headers["x-ratelimit-remaining-requests"] == "0"
+            return "limited"
+
+    async def burst():
+        async with client:
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    outcomes = asyncio.run(burst())
+    assert sorted(outcomes) == ["limited"] * 15 + ["ok"] * 5
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_broken_upstream_gives_502_or_504_and_is_recorded(cast):
+    cast.apply(model="demo-error-500")
+    with pytest.raises(openai.InternalServerError) as failed:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert (failed.value.status_code, failed.value.code) == (502, "upstream_error")
+
+    cast.apply(model="demo-bad-json")
+    with pytest.raises(openai.InternalServerError) as failed:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert (failed.value.status_code, failed.value.code) == (502, "upstream_error")
+
+    apply_plan(plan_text(f"http://127.0.0.1:{free_port()}/v1"), actor=None)
+    cast.server.wait_synced()
+    with pytest.raises(openai.InternalServerError) as failed:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert (failed.value.status_code, failed.value.code) == (502, "upstream_unreachable")
+
+    cast.apply(model="demo-hang")  # the test server's read timeout is 2 s
+    with pytest.raises(openai.InternalServerError) as failed:
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert (failed.value.status_code, failed.value.code) == (504, "upstream_timeout")
+
+    events = usage_events(4, endpoint="chat.completions")
+    assert [(e.status, e.error, e.decision) for e in events] == [
+        (502, "upstream_error", "allow"),
+        (502, "upstream_error", "allow"),
+        (502, "upstream_unreachable", "allow"),
+        (504, "upstream_timeout", "allow"),
+    ]
+
+
+def test_client_leaving_mid_stream_is_recorded_with_the_tokens_sent(cast):
+    slow = DemoUpstream(extra_args=["--token-latency-ms", "100"])
+    try:
+        apply_plan(plan_text(slow.base_url), actor=None)
+        cast.server.wait_synced()
+        body = {"model": "atlas-2", "messages": HELLO, "stream": True, "max_tokens": 50}
+        headers = {"Authorization": f"Bearer {cast.keys['northwind-research']}"}
+        received = 0
+        with httpx.stream(
+            "POST", f"{cast.server.url}/v1/chat/completions", json=body, headers=headers
+        ) as response:
+            for line in response.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    received += 1
+                if received == 3:
+                    break
+        [event] = usage_events(1, endpoint="chat.completions")
+    finally:
+        slow.stop()
+    assert event.client_disconnected is True
+    assert event.streamed is True
+    assert 3 <= event.completion_tokens < 50
+
+
+def test_unreachable_policy_store_fails_closed(cast):
+    if connection.vendor == "postgresql":
+        env = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/no_such_database"}
+    else:
+        env = {"STAGEGATE_SQLITE_PATH": "/nonexistent/dir/stagegate.sqlite3"}
+    server = ProxyServer(env=env, ready_status=503)
+    try:
+        client = openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
+        )
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model="atlas-2", messages=HELLO)
+        assert (refused.value.status_code, refused.value.code) == (503, "policy_store_unavailable")
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(
+    "not __import__('django.db').db.connection.vendor == 'postgresql'",
+    reason="production mode needs PostgreSQL (the CI run with DATABASE_URL)",
+)
+def test_dead_redis_in_production_mode_refuses_rather_than_admits(cast):
+    server = ProxyServer(
+        env={
+            "STAGEGATE_MODE": "production",
+            "SECRET_KEY": "x" * 60,
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        }
+    )
+    try:
+        client = openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
+        )
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model="atlas-2", messages=HELLO)
+        assert (refused.value.status_code, refused.value.code) == (503, "limits_unavailable")
+    finally:
+        server.stop()
+    [event] = usage_events(1, endpoint="chat.completions", status=503)
+    assert event.reason == "limits_unavailable"
+
+
+# --- usage events survive -------------------------------------------------------------------
+
+
+def test_usage_events_lost_on_a_crash_are_bounded_and_none_on_shutdown(cast):
+    env = {"STAGEGATE_USAGE_FLUSH_SECONDS": "3600", "STAGEGATE_USAGE_BATCH_SIZE": "10"}
+    crashing = ProxyServer(env=env)
+    client = openai.OpenAI(
+        base_url=f"{crashing.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
+    )
+    for _ in range(25):
+        client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
+    pending = crashing.health()["usage_pending"]
+    written = wait_until(
+        lambda: (n := len(usage_events(0))) + pending == 25 and n,
+        timeout=10,
+        what="the full batches to be written",
+    )
+    crashing.stop(signal.SIGKILL)
+    assert 0 < pending < 10  # what a crash loses: less than one batch
+    assert len(usage_events(0)) == written == 25 - pending
+
+    graceful = ProxyServer(env=env)
+    client = openai.OpenAI(
+        base_url=f"{graceful.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
+    )
+    for _ in range(5):
+        client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
+    assert graceful.health()["usage_pending"] == 5
+    graceful.stop(signal.SIGTERM)
+    assert len(usage_events(written + 5)) == written + 5
+
+
+# --- gateways and operations ----------------------------------------------------------------
+
+
+def test_authz_endpoint_answers_nginx_and_envoy(cast):
+    url = cast.server.url
+    key = cast.keys["northwind-research"]
+    nginx = httpx.get(
+        f"{url}/authz",
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Original-URI": "/v1/chat/completions",
+            "X-Original-Method": "POST",
+            "X-Stagegate-Model": "atlas-2",
+        },
+    )
+    assert nginx.status_code == 200
+    assert [nginx.headers[f"x-stagegate-{h}"] for h in ("org", "tier", "stage")] == [
+        "northwind-research",
+        "research_partner",
+        "research_preview",
+    ]
+    envoy = httpx.post(f"{url}/authz/v1/models/atlas-2", headers={"x-api-key": key})
+    assert envoy.status_code == 200
+    assert envoy.headers["x-stagegate-release"] == "atlas-2"
+
+    hidden = httpx.get(
+        f"{url}/authz",
+        headers={
+            "Authorization": f"Bearer {cast.keys['acme-commercial']}",
+            "X-Stagegate-Model": "atlas-2",
+        },
+    )
+    assert (hidden.status_code, hidden.headers["x-stagegate-reason"]) == (403, "unknown_model")
+    bad = httpx.get(
+        f"{url}/authz", headers={"Authorization": "Bearer sk-nope", "X-Stagegate-Model": "atlas-2"}
+    )
+    assert (bad.status_code, bad.headers["x-stagegate-reason"]) == (401, "invalid_key")
+
+
+def test_bad_keys_get_authentication_errors(cast):
+    for key in ("sk-not-ours", cast.keys["acme-commercial"][:-1] + "x"):
+        client = openai.OpenAI(base_url=f"{cast.server.url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.models.list()
+        assert refused.value.code == "invalid_key"
+    response = httpx.post(f"{cast.server.url}/v1/chat/completions", json={"model": "atlas-2"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_key"
+
+
+def test_metrics_need_the_token_and_count_decisions(cast):
+    cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
+    assert httpx.get(f"{cast.server.url}/metrics").status_code == 401
+    scraped = httpx.get(
+        f"{cast.server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+    )
+    assert scraped.status_code == 200
+    assert re.search(
+        r'stagegate_proxy_requests_total\{endpoint="chat.completions",reason="ok",'
+        r'release="atlas-2",stage="research_preview",tier="research_partner"\} [1-9]',
+        scraped.text,
+    )
+
+
+@pytest.mark.skipif(
+    "not __import__('os').environ.get('REDIS_URL')",
+    reason="several workers share limits through Redis (the CI run with REDIS_URL)",
+)
+def test_metrics_add_up_across_worker_processes(cast):
+    server = ProxyServer(workers=2)
+    try:
+        for _ in range(12):  # a new connection each time, so both workers serve some
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={"model": "atlas-2", "messages": HELLO, "max_tokens": 2},
+                headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
+            )
+            assert response.status_code == 200
+        pids = {httpx.get(f"{server.url}/healthz").json()["pid"] for _ in range(20)}
+        scrapes = {
+            re.search(
+                r'stagegate_proxy_requests_total\{endpoint="chat.completions",reason="ok",'
+                r'release="atlas-2",stage="research_preview",tier="research_partner"\} (\S+)',
+                httpx.get(
+                    f"{server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+                ).text,
+            ).group(1)
+            for _ in range(6)
+        }
+    finally:
+        server.stop()
+    assert len(pids) == 2
+    assert scrapes == {"12.0"}  # every scrape, whichever worker answers, sees all 12

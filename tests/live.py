@@ -1,0 +1,197 @@
+"""Real servers for end-to-end tests: the demo upstream and Stagegate itself, each a
+subprocess on a free port with a readiness wait, sharing the test database.
+
+The server reads the same database the test writes (PostgreSQL's test database, or
+the SQLite test file), so tests use ``live_db`` (committed data) and
+``ProxyServer.wait_synced`` to know the server has seen their latest change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS_TOKEN = "metrics-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, *, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+def database_env() -> dict[str, str]:
+    """Environment that points a server process at the test database."""
+    settings_dict = connection.settings_dict
+    if connection.vendor == "postgresql":
+        user = settings_dict.get("USER") or "postgres"
+        host = settings_dict.get("HOST") or "127.0.0.1"
+        port = settings_dict.get("PORT") or 5432
+        return {"DATABASE_URL": f"postgres://{user}@{host}:{port}/{settings_dict['NAME']}"}
+    return {"STAGEGATE_SQLITE_PATH": str(settings_dict["NAME"])}
+
+
+class Process:
+    """A subprocess with its output in a log file, shown when a test fails."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_name: str) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix=log_name, suffix=".log", delete=False)  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self.log.close()
+        return self.popen.returncode
+
+
+class DemoUpstream:
+    def __init__(self, extra_args: list[str] = ()) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.process = Process(
+            [
+                sys.executable,
+                "-m",
+                "stagegate.demo_upstream",
+                "--port",
+                str(self.port),
+                *extra_args,
+            ],
+            dict(os.environ),
+            "demo-upstream-",
+        )
+        wait_until(
+            lambda: httpx.get(f"{self.base_url}/models", timeout=1).status_code == 200,
+            timeout=30,
+            what="the demo upstream",
+        )
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class ProxyServer:
+    """``python -m stagegate.serve`` on a free port, against the test database."""
+
+    def __init__(
+        self, *, workers: int = 1, env: dict[str, str] | None = None, ready_status: int = 200
+    ) -> None:
+        self.ready_status = ready_status
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.var_dir = tempfile.mkdtemp(prefix="stagegate-live-")
+        environment = {
+            **os.environ,
+            "STAGEGATE_VAR_DIR": self.var_dir,
+            "STAGEGATE_USAGE_FLUSH_SECONDS": "0.1",
+            "STAGEGATE_METRICS_TOKEN": METRICS_TOKEN,
+            "STAGEGATE_UPSTREAM_READ_TIMEOUT": "2",
+            **database_env(),
+            **(env or {}),
+        }
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if "STAGEGATE_SQLITE_PATH" in environment:
+            environment.pop("DATABASE_URL", None)
+        self.process = Process(
+            [
+                sys.executable,
+                "-m",
+                "stagegate.serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            environment,
+            "stagegate-",
+        )
+        try:
+            wait_until(self._healthy, timeout=60, what="Stagegate to serve /healthz")
+        except AssertionError:
+            self.process.stop()
+            raise AssertionError(self.process.output()) from None
+
+    def _healthy(self) -> bool:
+        if self.process.popen.poll() is not None:
+            raise AssertionError(f"server exited:\n{self.process.output()}")
+        return httpx.get(f"{self.url}/healthz", timeout=1).status_code == self.ready_status
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=2).json()
+
+    def wait_synced(self, timeout: float = 10) -> float:
+        """Wait until the server's snapshot includes every change committed so far;
+        return how long that took."""
+        from access.snapshot import read_marker
+
+        marker, _ = read_marker()
+        expected = list(marker) if marker else None
+        started = time.monotonic()
+        wait_until(
+            lambda: self.health()["marker"] == expected,
+            timeout=timeout,
+            what=f"the server to load marker {expected}",
+        )
+        return time.monotonic() - started
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        return self.process.stop(sig)
+
+
+def _sqlite_audit_triggers():
+    migration = importlib.import_module("monitoring.migrations.0002_audit_append_only")
+    return migration.SQLITE_FORWARD
+
+
+@contextlib.contextmanager
+def flushable_audit_table():
+    """SQLite empties tables with DELETE, which the audit table's triggers refuse:
+    between live tests the triggers are dropped for the flush and put back after.
+    (PostgreSQL empties tables with TRUNCATE, which row triggers do not see.)"""
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            for statement in _sqlite_audit_triggers():
+                cursor.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS"))
+    yield
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_update")
+            cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_delete")
