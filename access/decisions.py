@@ -191,9 +191,10 @@ def decide(
     ):
         return Decision(Reason.MODEL_NOT_AVAILABLE, not_found_message(model), stage=stage_name)
 
-    tier = effective_tier(org.tier, org.valid_kinds(now), stage)
-    if tier not in stage.tiers:
-        missing = sorted(set(stage.tiers[org.tier].verifications) - org.valid_kinds(now))
+    kinds = org.valid_kinds(now)
+    tier = str(effective_tier(org.tier, kinds, stage))
+    if tier not in stage.tiers or not set(stage.tiers[tier].verifications) <= kinds:
+        missing = sorted(set(stage.tiers[org.tier].verifications) - kinds)
         return Decision(
             Reason.VERIFICATION_REQUIRED,
             f"'{model}' at stage '{stage_name}' needs a valid {', '.join(missing)} verification"

@@ -114,6 +114,11 @@ class UsageRecorder:
 
     def record(self, event: tuple) -> None:
         """Buffer one event (a tuple in ``FIELDS`` order). Never blocks, never raises."""
+        if len(self._buffer) >= self.max_buffer:  # the database has been down a while
+            self._buffer.popleft()
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(1)
         self._buffer.append(event)
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
@@ -183,7 +188,9 @@ class UsageRecorder:
     def _run(self) -> None:
         backoff = 0.0
         while True:
-            self._wake.wait(self.flush_interval + backoff)
+            if backoff:  # the database is failing: a full buffer must not hurry the retry
+                self._stop.wait(backoff)
+            self._wake.wait(self.flush_interval)
             self._wake.clear()
             stopping = self._stop.is_set()
             close_old_connections()

@@ -1,0 +1,456 @@
+"""Rate limits and quotas, on both backends: the in-process ``LocalLimiter`` and the
+shared ``RedisLimiter`` (only when ``REDIS_URL`` is set, as in CI).
+
+There is no pytest-asyncio: each test runs one scenario with ``asyncio.run``, and a
+Redis client is created and closed inside that scenario's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import redis
+import redis.asyncio
+
+from access.ratelimits import (
+    ALLOWED,
+    DAY,
+    MINUTE,
+    RPM,
+    TPD,
+    TPM,
+    LimiterUnavailable,
+    LimitResult,
+    LocalLimiter,
+    RedisLimiter,
+    Reservation,
+)
+from rollout.plan_schema import TierLimits
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+SCOPE = "atlas-2:org_northwind"
+# A fixed instant 15.5 s into a UTC minute (and into a UTC day's first minute).
+DAY_START = 20_000 * DAY  # 2024-10-04T00:00:00Z
+T = DAY_START + 15.5
+LIMITS = TierLimits(
+    requests_per_minute=10, tokens_per_minute=1000, tokens_per_day=5000, max_tokens=500
+)
+
+
+def _limits(**overrides) -> TierLimits:
+    return TierLimits(**{**LIMITS.model_dump(), **overrides})
+
+
+@dataclass
+class Backend:
+    """Makes limiters of one kind; Redis ones share a prefix unique to the test."""
+
+    name: str
+    prefix: str = ""
+
+    @asynccontextmanager
+    async def limiter(self) -> AsyncIterator[LocalLimiter | RedisLimiter]:
+        if self.name == "local":
+            limiter = LocalLimiter()
+        else:
+            limiter = RedisLimiter(redis.asyncio.from_url(REDIS_URL), prefix=self.prefix)
+        try:
+            yield limiter
+        finally:
+            await limiter.close()
+
+
+needs_redis = pytest.mark.skipif(not REDIS_URL, reason="REDIS_URL is not set: no Redis to test")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"sgtest:{uuid.uuid4().hex}:"
+    yield prefix
+    if REDIS_URL:
+        with redis.Redis.from_url(REDIS_URL) as client:
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=needs_redis)])
+def backend(request, redis_prefix) -> Backend:
+    return Backend(request.param, redis_prefix)
+
+
+def _run(backend: Backend, scenario: Callable[[LocalLimiter | RedisLimiter], Awaitable]):
+    async def main():
+        async with backend.limiter() as limiter:
+            return await scenario(limiter)
+
+    return asyncio.run(main())
+
+
+def _redis_ttls(prefix: str) -> dict[str, int]:
+    with redis.Redis.from_url(REDIS_URL, decode_responses=True) as client:
+        return {key: client.ttl(key) for key in client.scan_iter(match=f"{prefix}*")}
+
+
+# --- requests per minute ---------------------------------------------------------------
+
+
+def test_acquire_concurrent_requests_admit_exactly_rpm(backend):
+    async def scenario(limiter):
+        return await asyncio.gather(*(limiter.acquire(SCOPE, LIMITS, 1, T) for _ in range(50)))
+
+    results = _run(backend, scenario)
+    assert sum(result.allowed for result in results) == 10
+    refused = [result for result in results if not result.allowed]
+    assert {(r.outcome, r.reason, r.limit_name) for r in refused} == {
+        (RPM, "rate_limited", "requests_per_minute")
+    }
+    assert {r.reservation for r in refused} == {None}
+    assert sorted(r.requests for r in results if r.allowed) == list(range(1, 11))
+
+
+@needs_redis
+def test_redis_acquire_across_workers_admits_exactly_rpm(redis_prefix):
+    """Five separate connections stand for five worker processes sharing one Redis."""
+
+    async def main():
+        limiters = [
+            RedisLimiter(redis.asyncio.from_url(REDIS_URL), prefix=redis_prefix) for _ in range(5)
+        ]
+        try:
+            return await asyncio.gather(
+                *(limiters[n % 5].acquire(SCOPE, LIMITS, 7, T) for n in range(50))
+            )
+        finally:
+            for limiter in limiters:
+                await limiter.close()
+
+    results = asyncio.run(main())
+    assert sum(result.allowed for result in results) == 10
+    assert max(result.minute_tokens for result in results) == 70
+    assert max(result.day_tokens for result in results) == 70
+
+
+def test_acquire_new_minute_resets_requests(backend):
+    async def scenario(limiter):
+        limits = _limits(requests_per_minute=2)
+        first = [await limiter.acquire(SCOPE, limits, 1, T + n) for n in range(3)]
+        next_minute = await limiter.acquire(SCOPE, limits, 1, T + MINUTE)
+        return first, next_minute
+
+    first, next_minute = _run(backend, scenario)
+    assert [result.outcome for result in first] == [ALLOWED, ALLOWED, RPM]
+    assert (next_minute.outcome, next_minute.requests, next_minute.minute_tokens) == (
+        ALLOWED,
+        1,
+        1,
+    )
+    assert next_minute.day_tokens == 3
+
+
+def test_acquire_scopes_are_counted_apart(backend):
+    async def scenario(limiter):
+        limits = _limits(requests_per_minute=1)
+        return [
+            await limiter.acquire("atlas-2:org_a", limits, 1, T),
+            await limiter.acquire("atlas-2:org_b", limits, 1, T),
+            await limiter.acquire("atlas-2:org_a", limits, 1, T),
+        ]
+
+    assert [result.outcome for result in _run(backend, scenario)] == [ALLOWED, ALLOWED, RPM]
+
+
+# --- tokens per minute -----------------------------------------------------------------
+
+
+def test_acquire_reserves_tokens_then_refuses(backend):
+    async def scenario(limiter):
+        return [
+            await limiter.acquire(SCOPE, LIMITS, 600, T),
+            await limiter.acquire(SCOPE, LIMITS, 401, T),
+            await limiter.acquire(SCOPE, LIMITS, 400, T),
+            await limiter.acquire(SCOPE, LIMITS, 1, T),
+        ]
+
+    first, too_many, exact, over = _run(backend, scenario)
+    assert (first.outcome, first.minute_tokens, first.day_tokens) == (ALLOWED, 600, 600)
+    assert first.reservation == Reservation(SCOPE, int(T // MINUTE), int(T // DAY), 600)
+    assert (too_many.outcome, too_many.reason, too_many.limit_name) == (
+        TPM,
+        "rate_limited",
+        "tokens_per_minute",
+    )
+    assert (too_many.requests, too_many.minute_tokens, too_many.reservation) == (1, 600, None)
+    assert (exact.outcome, exact.minute_tokens) == (ALLOWED, 1000)
+    assert over.outcome == TPM
+
+
+def test_settle_with_fewer_tokens_frees_budget(backend):
+    async def scenario(limiter):
+        reserved = await limiter.acquire(SCOPE, LIMITS, 600, T)
+        await limiter.settle(reserved.reservation, 100)
+        return [
+            await limiter.acquire(SCOPE, LIMITS, 900, T),
+            await limiter.acquire(SCOPE, LIMITS, 1, T),
+        ]
+
+    fits, over = _run(backend, scenario)
+    assert (fits.outcome, fits.minute_tokens, fits.day_tokens) == (ALLOWED, 1000, 1000)
+    assert (over.outcome, over.minute_tokens) == (TPM, 1000)
+
+
+def test_settle_with_more_tokens_consumes_more(backend):
+    async def scenario(limiter):
+        reserved = await limiter.acquire(SCOPE, LIMITS, 600, T)
+        await limiter.settle(reserved.reservation, 900)
+        return [
+            await limiter.acquire(SCOPE, LIMITS, 101, T),
+            await limiter.acquire(SCOPE, LIMITS, 100, T),
+        ]
+
+    over, fits = _run(backend, scenario)
+    assert (over.outcome, over.minute_tokens, over.day_tokens) == (TPM, 900, 900)
+    assert (fits.outcome, fits.minute_tokens, fits.day_tokens) == (ALLOWED, 1000, 1000)
+
+
+def test_settle_with_reserved_tokens_changes_nothing(backend):
+    async def scenario(limiter):
+        reserved = await limiter.acquire(SCOPE, LIMITS, 600, T)
+        await limiter.settle(reserved.reservation, 600)
+        return await limiter.acquire(SCOPE, LIMITS, 1, T)
+
+    after = _run(backend, scenario)
+    assert (after.minute_tokens, after.day_tokens) == (601, 601)
+
+
+def test_acquire_new_minute_resets_tokens_but_not_the_day(backend):
+    async def scenario(limiter):
+        await limiter.acquire(SCOPE, LIMITS, 1000, T)
+        return await limiter.acquire(SCOPE, LIMITS, 1000, T + MINUTE)
+
+    next_minute = _run(backend, scenario)
+    assert (next_minute.outcome, next_minute.minute_tokens, next_minute.day_tokens) == (
+        ALLOWED,
+        1000,
+        2000,
+    )
+
+
+# --- tokens per day --------------------------------------------------------------------
+
+
+def test_acquire_over_tokens_per_day_is_quota_exceeded(backend):
+    limits = _limits(tokens_per_minute=1000, tokens_per_day=1500)
+
+    async def scenario(limiter):
+        return [
+            await limiter.acquire(SCOPE, limits, 1000, DAY_START + 3600.5),
+            await limiter.acquire(SCOPE, limits, 501, DAY_START + 3660.5),
+            await limiter.acquire(SCOPE, limits, 500, DAY_START + 3661.5),
+        ]
+
+    first, over, exact = _run(backend, scenario)
+    assert first.outcome == ALLOWED
+    assert (over.outcome, over.reason, over.limit_name) == (
+        TPD,
+        "quota_exceeded",
+        "tokens_per_day",
+    )
+    assert (over.minute_tokens, over.day_tokens, over.reservation) == (0, 1000, None)
+    assert over.retry_after == DAY - 3660  # 82_739.5 s to midnight UTC, rounded up
+    assert (exact.outcome, exact.day_tokens) == (ALLOWED, 1500)
+
+
+def test_acquire_new_day_resets_tokens_per_day(backend):
+    limits = _limits(tokens_per_minute=1000, tokens_per_day=1000)
+
+    async def scenario(limiter):
+        return [
+            await limiter.acquire(SCOPE, limits, 1000, DAY_START + DAY - 61),
+            await limiter.acquire(SCOPE, limits, 1, DAY_START + DAY - 1),
+            await limiter.acquire(SCOPE, limits, 1, DAY_START + DAY),
+        ]
+
+    first, same_day, next_day = _run(backend, scenario)
+    assert [first.outcome, same_day.outcome, next_day.outcome] == [ALLOWED, TPD, ALLOWED]
+    assert same_day.retry_after == 1
+    assert next_day.day_tokens == 1
+
+
+# --- retry after -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 14_400_000])
+def test_retry_after_is_seconds_to_end_of_minute(backend, k):
+    now = 120.0 * k + 15.5
+
+    async def scenario(limiter):
+        limits = _limits(requests_per_minute=1)
+        await limiter.acquire(SCOPE, limits, 1, now)
+        return await limiter.acquire(SCOPE, limits, 1, now)
+
+    refused = _run(backend, scenario)
+    assert refused.outcome == RPM
+    assert refused.retry_after == 45
+
+
+@pytest.mark.parametrize(
+    ("outcome", "now", "retry_after"),
+    [
+        (RPM, T, 45),
+        (TPM, T, 45),
+        (RPM, DAY_START, 60),  # at the first instant of a minute: the whole minute
+        (RPM, DAY_START + 59.9, 1),  # a fraction of a second left: at least 1
+        (RPM, DAY_START + 59, 1),
+        (TPD, DAY_START, DAY),
+        (TPD, DAY_START + DAY - 0.25, 1),
+        (TPD, T, DAY - 15),
+    ],
+)
+def test_retry_after_rounds_up_to_window_end(outcome, now, retry_after):
+    result = LimitResult(outcome, LIMITS, 10, 0, 0, now, None)
+    assert result.retry_after == retry_after
+
+
+# --- headers ---------------------------------------------------------------------------
+
+
+def test_headers_when_allowed(backend):
+    async def scenario(limiter):
+        for _ in range(2):
+            await limiter.acquire(SCOPE, LIMITS, 100, T)
+        return await limiter.acquire(SCOPE, LIMITS, 100, T)
+
+    assert _run(backend, scenario).headers() == [
+        (b"x-ratelimit-limit-requests", b"10"),
+        (b"x-ratelimit-remaining-requests", b"7"),
+        (b"x-ratelimit-reset-requests", b"45s"),
+        (b"x-ratelimit-limit-tokens", b"1000"),
+        (b"x-ratelimit-remaining-tokens", b"700"),
+        (b"x-ratelimit-reset-tokens", b"45s"),
+    ]
+
+
+def test_headers_when_requests_refused_add_retry_after(backend):
+    async def scenario(limiter):
+        limits = _limits(requests_per_minute=1)
+        await limiter.acquire(SCOPE, limits, 100, T)
+        return await limiter.acquire(SCOPE, limits, 100, T)
+
+    assert _run(backend, scenario).headers() == [
+        (b"x-ratelimit-limit-requests", b"1"),
+        (b"x-ratelimit-remaining-requests", b"0"),
+        (b"x-ratelimit-reset-requests", b"45s"),
+        (b"x-ratelimit-limit-tokens", b"1000"),
+        (b"x-ratelimit-remaining-tokens", b"900"),
+        (b"x-ratelimit-reset-tokens", b"45s"),
+        (b"retry-after", b"45"),
+    ]
+
+
+def test_headers_when_tokens_refused_add_retry_after(backend):
+    async def scenario(limiter):
+        await limiter.acquire(SCOPE, LIMITS, 500, T)
+        await limiter.acquire(SCOPE, LIMITS, 500, T)
+        return await limiter.acquire(SCOPE, LIMITS, 1, T)
+
+    assert _run(backend, scenario).headers() == [
+        (b"x-ratelimit-limit-requests", b"10"),
+        (b"x-ratelimit-remaining-requests", b"8"),
+        (b"x-ratelimit-reset-requests", b"45s"),
+        (b"x-ratelimit-limit-tokens", b"1000"),
+        (b"x-ratelimit-remaining-tokens", b"0"),
+        (b"x-ratelimit-reset-tokens", b"45s"),
+        (b"retry-after", b"45"),
+    ]
+
+
+def test_headers_when_day_quota_refused_retry_after_end_of_day(backend):
+    limits = _limits(tokens_per_minute=1000, tokens_per_day=1000)
+
+    async def scenario(limiter):
+        await limiter.acquire(SCOPE, limits, 1000, T)
+        return await limiter.acquire(SCOPE, limits, 1, T + MINUTE)
+
+    headers = dict(_run(backend, scenario).headers())
+    assert headers[b"retry-after"] == str(DAY - 75).encode()
+    assert headers[b"x-ratelimit-reset-requests"] == b"45s"
+
+
+# --- Redis specifics -------------------------------------------------------------------
+
+
+@needs_redis
+def test_redis_every_key_written_has_a_ttl(redis_prefix):
+    backend = Backend("redis", redis_prefix)
+
+    async def scenario(limiter):
+        for n in range(3):
+            reserved = await limiter.acquire(SCOPE, LIMITS, 100, T + MINUTE * n)
+            await limiter.settle(reserved.reservation, 50)
+        await limiter.acquire("atlas-2:org_other", LIMITS, 100, T)
+
+    _run(backend, scenario)
+    ttls = _redis_ttls(redis_prefix)
+    minute = int(T // MINUTE)
+    day = int(T // DAY)
+    assert sorted(ttls) == sorted(
+        [
+            f"{redis_prefix}{SCOPE}:m{minute}",
+            f"{redis_prefix}{SCOPE}:m{minute + 1}",
+            f"{redis_prefix}{SCOPE}:m{minute + 2}",
+            f"{redis_prefix}{SCOPE}:d{day}",
+            f"{redis_prefix}atlas-2:org_other:m{minute}",
+            f"{redis_prefix}atlas-2:org_other:d{day}",
+        ]
+    )
+    for key, ttl in ttls.items():
+        limit = 2 * MINUTE if ":m" in key.removeprefix(redis_prefix) else DAY + MINUTE
+        assert 0 < ttl <= limit, key
+
+
+@needs_redis
+def test_redis_settle_on_expired_window_creates_no_key(redis_prefix):
+    backend = Backend("redis", redis_prefix)
+
+    async def scenario(limiter):
+        reserved = await limiter.acquire(SCOPE, LIMITS, 100, T)
+        await limiter.client.delete(*(await limiter.client.keys(f"{redis_prefix}*")))
+        await limiter.settle(reserved.reservation, 400)  # both windows gone (expired)
+        # A reservation from a window that never existed in this store at all.
+        await limiter.settle(Reservation(SCOPE, 1, 0, 100), 10)
+
+    _run(backend, scenario)
+    assert _redis_ttls(redis_prefix) == {}
+
+
+@needs_redis
+def test_redis_refused_acquire_writes_no_key(redis_prefix):
+    backend = Backend("redis", redis_prefix)
+
+    async def scenario(limiter):
+        return await limiter.acquire(
+            SCOPE, _limits(tokens_per_day=1000, tokens_per_minute=1000), 1001, T
+        )
+
+    assert _run(backend, scenario).outcome == TPM
+    assert _redis_ttls(redis_prefix) == {}
+
+
+def test_redis_unreachable_raises_limiter_unavailable():
+    async def main():
+        client = redis.asyncio.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2)
+        limiter = RedisLimiter(client, prefix="sgtest:dead:")
+        try:
+            with pytest.raises(LimiterUnavailable, match="rate limit store unreachable"):
+                await limiter.acquire(SCOPE, LIMITS, 1, T)
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())

@@ -1,0 +1,262 @@
+"""The proxy's in-memory snapshot: what ``load_snapshot`` reads, and how ``SnapshotStore``
+reloads on a moved audit marker, keeps its snapshot through a failing database and stops
+trusting it after ``max_staleness`` (fail closed)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+import access.snapshot
+from access.decisions import KeyEntry, OrgEntry, ReleaseEntry
+from access.keys import digest, issue_key, revoke_key
+from access.models import VerificationStatus
+from access.snapshot import SnapshotStore, load_snapshot, read_marker
+from monitoring.models import AuditEvent
+from rollout.models import Release, ReleaseState
+from rollout.plan_schema import parse_plan
+from tests.factories import EXAMPLE_PLAN, make_verification
+
+pytestmark = pytest.mark.django_db
+
+PLAN = parse_plan(EXAMPLE_PLAN.read_text())
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s")
+        time.sleep(0.005)
+
+
+def _tail() -> AuditEvent:
+    return AuditEvent.objects.order_by("-seq").first()
+
+
+# --- load_snapshot ---------------------------------------------------------------------
+
+
+def test_load_snapshot_holds_every_key(northwind, acme):
+    expires = timezone.now() + timedelta(days=30)
+    plain = issue_key(organization=northwind, name="plain", actor=None).api_key
+    expiring = issue_key(organization=acme, name="expiring", actor=None, expires_at=expires)
+    revoked = issue_key(organization=northwind, name="revoked", actor=None).api_key
+    revoke_key(api_key=revoked, actor=None, reason="leaked")
+
+    keys = load_snapshot().keys
+
+    assert keys == {
+        plain.key_id: KeyEntry(
+            key_id=plain.key_id,
+            public_id=plain.public_id,
+            digest=plain.digest,
+            org_id=northwind.pk,
+            expires_at=None,
+            revoked=False,
+        ),
+        expiring.api_key.key_id: KeyEntry(
+            key_id=expiring.api_key.key_id,
+            public_id=expiring.api_key.public_id,
+            digest=digest(expiring.raw_key),
+            org_id=acme.pk,
+            expires_at=expires.timestamp(),
+            revoked=False,
+        ),
+        revoked.key_id: KeyEntry(
+            key_id=revoked.key_id,
+            public_id=revoked.public_id,
+            digest=revoked.digest,
+            org_id=northwind.pk,
+            expires_at=None,
+            revoked=True,
+        ),
+    }
+
+
+def test_load_snapshot_holds_orgs_with_only_valid_verifications(northwind, acme, publicdev):
+    now = timezone.now()
+    kyc = acme.verifications.get()
+    lapsed = now - timedelta(days=1)  # still status valid: decide() checks the expiry
+    make_verification(acme, "monitoring_agreement", expires_at=lapsed)
+    for status in (
+        VerificationStatus.PENDING,
+        VerificationStatus.REVOKED,
+        VerificationStatus.REJECTED,
+        VerificationStatus.EXPIRED,
+    ):
+        make_verification(
+            acme, "academic_credential", expires_at=now + timedelta(days=9), status=status
+        )
+
+    orgs = load_snapshot().orgs
+
+    assert sorted(orgs) == sorted([northwind.pk, acme.pk, publicdev.pk])
+    assert orgs[publicdev.pk] == OrgEntry(
+        public_id=publicdev.public_id, slug="public-dev", tier="public", verifications=()
+    )
+    assert orgs[northwind.pk] == OrgEntry(
+        public_id=northwind.public_id,
+        slug="northwind-research",
+        tier="research_partner",
+        verifications=(
+            ("monitoring_agreement", northwind.verifications.get().expires_at.timestamp()),
+        ),
+    )
+    acme_entry = orgs[acme.pk]
+    assert (acme_entry.public_id, acme_entry.slug, acme_entry.tier) == (
+        acme.public_id,
+        "acme-commercial",
+        "verified_commercial",
+    )
+    assert sorted(acme_entry.verifications) == [
+        ("business_kyc", kyc.expires_at.timestamp()),
+        ("monitoring_agreement", lapsed.timestamp()),
+    ]
+    assert acme_entry.valid_kinds(now.timestamp()) == frozenset({"business_kyc"})
+
+
+def test_load_snapshot_holds_release_at_its_current_stage(release):
+    assert load_snapshot().releases == {
+        "atlas-2": ReleaseEntry(
+            name="atlas-2",
+            public_id=release.public_id,
+            state="active",
+            stage=PLAN.stage("research_preview"),
+            upstream_base_url="http://127.0.0.1:8001/v1",
+            upstream_model="atlas-2-2026-11",
+            plan_version=1,
+            created=int(release.created_at.timestamp()),
+        )
+    }
+
+
+def test_load_snapshot_follows_stage_and_state(release):
+    Release.objects.filter(pk=release.pk).update(
+        current_stage="commercial", state=ReleaseState.PAUSED
+    )
+    entry = load_snapshot().releases["atlas-2"]
+    assert (entry.stage, entry.state, entry.stage_name) == (
+        PLAN.stage("commercial"),
+        "paused",
+        "commercial",
+    )
+
+
+def test_load_snapshot_leaves_out_retired_release(release):
+    Release.objects.filter(pk=release.pk).update(state=ReleaseState.RETIRED)
+    assert load_snapshot().releases == {}
+
+
+def test_load_snapshot_leaves_out_release_whose_stage_is_not_in_its_plan(release):
+    # Not served rather than served under a guessed policy.
+    Release.objects.filter(pk=release.pk).update(current_stage="no_such_stage")
+    assert load_snapshot().releases == {}
+
+
+def test_load_snapshot_marker_is_the_audit_chain_tail(release):
+    snapshot = load_snapshot()
+    tail = _tail()
+    assert snapshot.marker == (tail.seq, tail.hash)
+    assert snapshot.changed_at == tail.created_at.timestamp()
+    assert read_marker() == (snapshot.marker, snapshot.changed_at)
+
+
+def test_read_marker_on_empty_audit_log_is_none():
+    assert read_marker() == (None, None)
+
+
+# --- SnapshotStore ---------------------------------------------------------------------
+
+
+def test_store_before_first_refresh_has_no_snapshot():
+    store = SnapshotStore()
+    assert (store.current(), store.snapshot) == (None, None)
+
+
+def test_store_refresh_loads_first_snapshot(release, northwind):
+    reloads = []
+    store = SnapshotStore(on_reload=lambda snapshot, seconds: reloads.append(snapshot))
+    assert store.refresh() is True
+    assert store.current() is store.snapshot
+    assert reloads == [store.snapshot]
+    assert sorted(store.snapshot.releases) == ["atlas-2"]
+    assert store.last_error is None
+
+
+def test_store_refresh_without_change_keeps_snapshot(release, northwind):
+    store = SnapshotStore()
+    store.refresh()
+    first = store.snapshot
+    assert store.refresh() is False
+    assert store.snapshot is first
+    assert store.current() is first
+
+
+def test_store_refresh_reloads_when_marker_moves(release, northwind):
+    api_key = issue_key(organization=northwind, name="t", actor=None).api_key
+    store = SnapshotStore()
+    store.refresh()
+    first = store.snapshot
+    assert first.keys[api_key.key_id].revoked is False
+
+    revoke_key(api_key=api_key, actor=None)
+
+    assert store.refresh() is True
+    assert store.snapshot is not first
+    assert store.snapshot.keys[api_key.key_id].revoked is True
+    assert store.snapshot.marker == (_tail().seq, _tail().hash)
+    assert store.refresh() is False
+
+
+def test_store_refresh_reloads_after_full_reload_interval(release):
+    store = SnapshotStore(full_reload_interval=0)
+    store.refresh()
+    first = store.snapshot
+    assert store.refresh() is True
+    assert store.snapshot is not first
+    assert store.snapshot.releases == first.releases
+
+
+def test_store_current_is_none_after_max_staleness(release):
+    store = SnapshotStore(max_staleness=0.05)
+    store.refresh()
+    snapshot = store.current()
+    assert snapshot is not None
+    _wait_until(lambda: store.current() is None)
+    assert store.snapshot is snapshot  # kept for health reports, no longer trusted
+
+
+def test_store_failing_read_keeps_trusting_snapshot_within_max_staleness(release, monkeypatch):
+    store = SnapshotStore(max_staleness=60)
+    store.refresh()
+    snapshot = store.snapshot
+
+    def database_down():
+        raise ConnectionError("database is down")
+
+    monkeypatch.setattr(access.snapshot, "read_marker", database_down)
+    assert store.refresh() is False
+    assert store.current() is snapshot
+
+
+def test_store_failing_read_keeps_snapshot_but_lets_it_go_stale(release, monkeypatch):
+    store = SnapshotStore(max_staleness=0.05)
+    store.refresh()
+    snapshot = store.snapshot
+
+    def database_down():
+        raise ConnectionError("database is down")
+
+    monkeypatch.setattr(access.snapshot, "read_marker", database_down)
+    assert store.refresh() is False
+    assert store.snapshot is snapshot
+    assert store.last_error == "ConnectionError('database is down')"
+    _wait_until(lambda: store.current() is None)
+    assert store.refresh() is False
+    assert store.current() is None  # failed refreshes never restore trust
+    assert store.snapshot is snapshot

@@ -1,0 +1,307 @@
+"""The usage buffer: batching, the writer thread, failures, overflow and clean shutdown;
+``write_events`` against the test database (COPY on PostgreSQL, bulk INSERT on SQLite);
+and ``mark_used`` writing keys' last_used_at."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import OperationalError
+from django.utils import timezone
+
+from access.keys import issue_key
+from access.models import ApiKey
+from monitoring.models import UsageEvent
+from monitoring.usage import FIELDS, UsageRecorder, write_events
+
+CREATED_AT = 1_790_000_000.25  # POSIX seconds, exact in binary and in microseconds
+
+
+def _event(n: int) -> tuple:
+    """Event ``n`` as the proxy records it: a tuple in ``FIELDS`` order."""
+    values = {
+        "created_at": CREATED_AT + n,
+        "request_id": f"req_{n:06d}",
+        "org": "org_northwind",
+        "key": "key_0123456789abcdef",
+        "tier": "research_partner",
+        "release": "atlas-2",
+        "stage": "research_preview",
+        "endpoint": "chat.completions",
+        "decision": "allow" if n % 3 else "deny",
+        "reason": "ok" if n % 3 else "rate_limited",
+        "status": 200 if n % 3 else 429,
+        "error": "upstream_error" if n == 4 else "",
+        "streamed": n % 2 == 0,
+        "client_disconnected": n == 2,
+        "flagged": n == 1,
+        "prompt_tokens": 10 + n,
+        "completion_tokens": 20 * n,
+        "latency_ms": 12.5 + n,
+        "upstream_latency_ms": None if n % 3 == 0 else 10.25 * n,
+    }
+    return tuple(values[name] for name in FIELDS)
+
+
+class Writer:
+    """A writer that keeps each batch, or raises like a database that is down."""
+
+    def __init__(self, *, failures: int = 0) -> None:
+        self.batches: list[list[tuple]] = []
+        self.failures = failures  # how many of the next calls fail; -1: all of them
+        self.calls: list[float] = []  # monotonic time of each call
+
+    def __call__(self, batch: list[tuple]) -> None:
+        self.calls.append(time.monotonic())
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("connection refused")
+        self.batches.append(list(batch))
+
+    @property
+    def written(self) -> list[tuple]:
+        return [event for batch in self.batches for event in batch]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def stopped():
+    """Recorders to stop at the end of the test, even if it fails."""
+    recorders: list[UsageRecorder] = []
+    yield recorders.append
+    for recorder in recorders:
+        recorder.stop(timeout=2)
+
+
+# --- buffering -------------------------------------------------------------------------
+
+
+def test_flush_writes_events_in_order():
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer)
+    events = [_event(n) for n in range(5)]
+    for event in events:
+        recorder.record(event)
+    assert recorder.pending() == 5
+    assert recorder.flush() is True
+    assert writer.batches == [events]
+    assert (recorder.pending(), recorder.written, recorder.dropped) == (0, 5, 0)
+
+
+def test_flush_with_nothing_buffered_does_not_call_writer():
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer)
+    assert recorder.flush() is True
+    assert writer.calls == []
+
+
+def test_flush_reports_batch_to_on_write():
+    written: list[int] = []
+    recorder = UsageRecorder(writer=Writer(), on_write=lambda count, _: written.append(count))
+    for n in range(3):
+        recorder.record(_event(n))
+    recorder.flush()
+    recorder.flush()
+    assert written == [3]
+
+
+def test_record_batch_size_wakes_thread_early(stopped):
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer, flush_interval=60, batch_size=5)
+    stopped(recorder)
+    recorder.start()
+    events = [_event(n) for n in range(5)]
+    for event in events:
+        recorder.record(event)
+    _wait_until(lambda: recorder.written == 5)
+    assert writer.batches == [events]  # one write of the whole batch, not before
+
+
+def test_thread_writes_every_flush_interval(stopped):
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer, flush_interval=0.01, batch_size=1000)
+    stopped(recorder)
+    recorder.start()
+    recorder.record(_event(0))
+    _wait_until(lambda: recorder.written == 1)
+    assert writer.written == [_event(0)]
+
+
+# --- failures --------------------------------------------------------------------------
+
+
+def test_flush_failing_writer_keeps_events_for_next_flush():
+    writer = Writer(failures=2)
+    recorder = UsageRecorder(writer=writer)
+    events = [_event(n) for n in range(5)]
+    for event in events[:3]:
+        recorder.record(event)
+    assert recorder.flush() is False
+    assert (recorder.pending(), recorder.written) == (3, 0)
+    for event in events[3:]:
+        recorder.record(event)
+    assert recorder.flush() is False
+    assert recorder.pending() == 5
+    assert recorder.flush() is True
+    assert writer.batches == [events]  # each once, in order
+    assert recorder.flush() is True
+    assert writer.batches == [events]
+    assert (recorder.pending(), recorder.written, recorder.dropped) == (0, 5, 0)
+
+
+def test_buffer_over_max_buffer_drops_oldest_while_writer_fails():
+    drops: list[int] = []
+    writer = Writer(failures=1)
+    recorder = UsageRecorder(writer=writer, max_buffer=3, on_drop=drops.append)
+    events = [_event(n) for n in range(5)]
+    for event in events:
+        recorder.record(event)
+    assert (recorder.pending(), recorder.dropped, drops) == (3, 2, [1, 1])
+    assert recorder.flush() is False
+    assert (recorder.pending(), recorder.dropped, drops) == (3, 2, [1, 1])
+    assert recorder.flush() is True
+    assert writer.batches == [events[2:]]
+    assert (recorder.written, recorder.dropped) == (3, 2)
+
+
+def test_flush_failing_writer_within_max_buffer_drops_nothing():
+    drops: list[int] = []
+    recorder = UsageRecorder(writer=Writer(failures=1), max_buffer=3, on_drop=drops.append)
+    for n in range(3):
+        recorder.record(_event(n))
+    assert recorder.flush() is False
+    assert (recorder.pending(), recorder.dropped, drops) == (3, 0, [])
+
+
+def test_thread_backs_off_while_writer_fails(stopped):
+    writer = Writer(failures=-1)
+    recorder = UsageRecorder(writer=writer, flush_interval=0.01, batch_size=1)
+    stopped(recorder)
+    recorder.start()
+    recorder.record(_event(0))
+    _wait_until(lambda: len(writer.calls) == 1)
+    recorder.record(_event(1))  # traffic goes on while the database is down
+    _wait_until(lambda: len(writer.calls) == 2)
+    assert writer.calls[1] - writer.calls[0] >= 0.5
+
+
+# --- shutdown --------------------------------------------------------------------------
+
+
+def test_stop_flushes_everything_from_running_thread():
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer, flush_interval=60, batch_size=1000)
+    recorder.start()
+    events = [_event(n) for n in range(10)]
+    for event in events:
+        recorder.record(event)
+    recorder.stop(timeout=5)
+    assert writer.written == events
+    assert recorder.pending() == 0
+
+
+def test_stop_retries_once_when_last_flush_fails():
+    writer = Writer(failures=1)
+    recorder = UsageRecorder(writer=writer, flush_interval=60, batch_size=1000)
+    recorder.start()
+    events = [_event(n) for n in range(3)]
+    for event in events:
+        recorder.record(event)
+    recorder.stop(timeout=5)
+    assert writer.batches == [events]
+    assert recorder.pending() == 0
+
+
+def test_stop_without_thread_flushes():
+    writer = Writer()
+    recorder = UsageRecorder(writer=writer)
+    recorder.record(_event(0))
+    recorder.stop()
+    assert writer.batches == [[_event(0)]]
+
+
+# --- the database ----------------------------------------------------------------------
+
+
+def _stored(event: tuple) -> tuple:
+    """What the row holds: the same values, created_at as an aware UTC datetime."""
+    values = dict(zip(FIELDS, event, strict=True))
+    values["created_at"] = datetime.fromtimestamp(values["created_at"], UTC)
+    return tuple(values[name] for name in FIELDS)
+
+
+@pytest.mark.django_db
+def test_write_events_stores_rows_with_same_values():
+    events = [_event(n) for n in range(6)]
+    write_events(events)
+    rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
+    assert rows == [_stored(event) for event in events]
+    assert rows[0][0] == datetime(2026, 9, 21, 14, 13, 20, 250_000, tzinfo=UTC)
+
+
+@pytest.mark.django_db
+def test_write_events_with_no_events_runs_no_query(django_assert_num_queries):
+    with django_assert_num_queries(0):
+        write_events([])
+
+
+@pytest.mark.django_db
+def test_flush_with_default_writer_stores_rows():
+    recorder = UsageRecorder()
+    events = [_event(n) for n in range(3)]
+    for event in events:
+        recorder.record(event)
+    assert recorder.flush() is True
+    rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
+    assert rows == [_stored(event) for event in events]
+
+
+@pytest.mark.django_db
+def test_mark_used_sets_last_used_at_on_next_touch(northwind):
+    api_key = issue_key(organization=northwind, name="t", actor=None).api_key
+    other = issue_key(organization=northwind, name="other", actor=None).api_key
+    recorder = UsageRecorder(writer=Writer())
+    recorder.mark_used(api_key.key_id)
+    before = timezone.now()
+    recorder._touch_keys()
+    after = timezone.now()
+    api_key.refresh_from_db()
+    other.refresh_from_db()
+    assert before <= api_key.last_used_at <= after
+    assert other.last_used_at is None
+
+
+@pytest.mark.django_db
+def test_mark_used_writes_at_most_once_per_interval(northwind):
+    api_key = issue_key(organization=northwind, name="t", actor=None).api_key
+    recent = timezone.now() - timedelta(seconds=30)
+    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=recent)
+    recorder = UsageRecorder(writer=Writer(), last_used_interval=60)
+    recorder.mark_used(api_key.key_id)
+    recorder._touch_keys()
+    api_key.refresh_from_db()
+    assert api_key.last_used_at == recent
+
+    stale = timezone.now() - timedelta(seconds=61)
+    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=stale)
+    recorder.mark_used(api_key.key_id)
+    recorder._touch_keys()
+    api_key.refresh_from_db()
+    assert api_key.last_used_at > stale + timedelta(seconds=60)
+
+
+@pytest.mark.django_db
+def test_touch_keys_without_marks_runs_no_query(django_assert_num_queries):
+    recorder = UsageRecorder(writer=Writer())
+    with django_assert_num_queries(0):
+        recorder._touch_keys()
