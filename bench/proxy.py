@@ -1,0 +1,710 @@
+"""Proxy overhead: the same load sent to the demo model directly and through Stagegate.
+
+What is measured
+  One run sets up a throwaway embedded Stagegate: SQLite in a temporary
+  STAGEGATE_VAR_DIR and in-process rate limits (with --redis or REDIS_URL, limits
+  in Redis; --redis alone starts a private redis-server). It applies
+  docs/examples/atlas-2.yaml with the upstream pointed at a demo upstream on a
+  free port and research_partner's research_preview limits raised out of reach,
+  creates northwind-research (research_partner, valid monitoring_agreement) and
+  issues it a key. Two subprocesses, each on a free port, then serve:
+
+    upstream   python -m stagegate.demo_upstream (latency 0: it answers at once)
+    proxy      python -m stagegate.serve (uvicorn + uvloop + httptools)
+
+  One closed-loop load generator in this process (aiohttp on uvloop; C workers,
+  each sending its next request as soon as the last one ends; a warm-up first)
+  sends the same small chat request (max_tokens 16) to:
+
+    direct     POST {upstream}/v1/chat/completions, model atlas-2-2026-11
+    stagegate  POST {proxy}/v1/chat/completions, model atlas-2, the key as Bearer
+
+  in two modes, "plain" (whole JSON body) and "stream" ("stream": true, the SSE
+  body read chunk by chunk to data: [DONE]), at each concurrency. Every answer
+  must be a 200 with a complete body; anything else is counted as an error.
+  Last, with the servers stopped and this process pinned to one core: decide()
+  for an allowed request, and the proxy's key check (Proxy._key: header scan,
+  parse_key, dict lookup, SHA-256, compare_digest) with its parts.
+
+How to read the output
+  errors       answers that were not a 200 with a complete body (warm-up included)
+  req/s        completed requests / wall time of the timed phase
+  p50, p99     latency in ms, from sending the request to its last body byte
+  proxy us/req CPU time (utime + stime from /proc, every thread: the event loop,
+               the usage writer, the snapshot poller) of the proxy's processes
+               during the timed phase, per request. The run waits until the
+               proxy has written its usage rows (about once a second) before
+               reading the clock, so each request's row is counted in its run
+  upst us/req  the same for the demo upstream (a like-for-like uvicorn app)
+  via/direct   Stagegate's req/s as a ratio to the upstream's own
+  +p50, +p99   latency added by going through Stagegate, in ms
+
+  The load generator, the proxy and the upstream share this machine's cores
+  (the header says how many). With 2 cores, three busy processes take turns, so
+  via/direct understates what a proxy on its own cores would carry, and the
+  added latency at concurrency above 1 includes waiting for a core. proxy
+  us/req is the figure least disturbed by that sharing: it is the proxy's cost
+  per request; 1e6 / (proxy us/req) is about what one fully busy worker could
+  serve. The micro-benchmarks are per call on one core, loop overhead included
+  (the "empty call" row).
+
+Usage: python bench/proxy.py [--quick] [--requests 6000] [--stream-requests 3000]
+                             [--concurrency 1,10,50] [--redis] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import orjson
+import uvloop
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = ROOT / "docs" / "examples" / "atlas-2.yaml"
+ORG_SLUG = "northwind-research"  # in the example plan's first stage's allow_orgs
+TIER = "research_partner"
+EVIDENCE = "monitoring_agreement"
+RELEASE = "atlas-2"
+UPSTREAM_MODEL = "atlas-2-2026-11"
+ACTOR = "system:bench"
+MAX_TOKENS = 16
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def configure(var_dir: str, redis_url: str | None) -> None:
+    """Point this process (and, through the environment, its servers) at a fresh var dir."""
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="stagegate.settings",
+        STAGEGATE_MODE="embedded",
+        STAGEGATE_VAR_DIR=var_dir,
+        DEBUG="False",
+    )
+    # Throwaway means throwaway: never the database or sqlite file the shell points at.
+    for name in ("DATABASE_URL", "STAGEGATE_SQLITE_PATH", "PROMETHEUS_MULTIPROC_DIR"):
+        os.environ.pop(name, None)
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
+    else:
+        os.environ.pop("REDIS_URL", None)
+
+
+def bench_plan(upstream_base_url: str) -> str:
+    """The example plan with our upstream and research_preview limits no run can reach."""
+    document = yaml.safe_load(PLAN.read_text())
+    document["upstream"]["base_url"] = upstream_base_url
+    first = document["stages"][0]
+    # The schema wants max_tokens <= tokens_per_minute <= tokens_per_day.
+    first["tiers"][TIER]["limits"].update(
+        requests_per_minute=10_000_000,
+        tokens_per_minute=10_000_000_000,
+        tokens_per_day=100_000_000_000,
+        max_tokens=4096,
+        streaming=True,
+    )
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def seed(upstream_base_url: str) -> str:
+    """Migrate, apply the plan, create the org and its verification; the raw key."""
+    from django.core.management import call_command
+    from django.db import connection
+    from django.utils import timezone
+
+    from access.keys import issue_key
+    from access.models import VerificationStatus
+    from access.organizations import create_organization
+    from access.verifications import create_verification
+    from rollout.plans import apply_plan
+
+    call_command("migrate", verbosity=0)
+    org = create_organization(slug=ORG_SLUG, name="Northwind Research", tier=TIER, actor=ACTOR)
+    create_verification(
+        organization=org,
+        kind=EVIDENCE,
+        status=VerificationStatus.VALID,
+        expires_at=timezone.now() + timedelta(days=365),
+        evidence_note="bench",
+        actor=ACTOR,
+    )
+    apply_plan(bench_plan(upstream_base_url), actor=ACTOR, comment="bench/proxy.py")
+    raw_key = issue_key(organization=org, name="bench", actor=ACTOR).raw_key
+    connection.close()  # the proxy's usage writer shares the SQLite file
+    return raw_key
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A subprocess with its output in a log file (shown if it fails to start)."""
+
+    def __init__(self, name: str, args: list[str], log_dir: str) -> None:
+        self.name = name
+        self.log_path = Path(log_dir) / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_ready(self, check: Callable[[], bool], deadline_s: float) -> None:
+        """Poll ``check`` until it is true; raise with the server's log after the deadline."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode}:\n{self.log()}"
+                )
+            with contextlib.suppress(OSError):
+                if check():
+                    return
+            time.sleep(0.05)  # poll interval, not a readiness guess
+        raise RuntimeError(f"{self.name} not ready after {deadline_s:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)  # uvicorn shuts down; usage is flushed
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status
+
+
+def health_pid(url: str) -> int | None:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return orjson.loads(response.read())["pid"] if response.status == 200 else None
+
+
+def start_redis(log_dir: str) -> tuple[Server, str]:
+    import redis
+
+    port = free_port()
+    server = Server(
+        "redis",
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        log_dir,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def answers() -> bool:
+        try:
+            return redis.Redis.from_url(url, socket_timeout=1).ping()
+        except redis.ConnectionError:
+            return False
+
+    server.wait_ready(answers, 15)
+    return server, url
+
+
+def start_upstream(log_dir: str) -> tuple[Server, str]:
+    port = free_port()
+    server = Server(
+        "upstream",
+        [sys.executable, "-m", "stagegate.demo_upstream", "--port", str(port), "--latency-ms", "0"],
+        log_dir,
+    )
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: http_status(f"{base}/v1/models") == 200, 30)
+    return server, base
+
+
+def start_proxy(log_dir: str, workers: int) -> tuple[Server, str]:
+    port = free_port()
+    server = Server(
+        "proxy",
+        [sys.executable, "-m", "stagegate.serve", "--port", str(port), "--workers", str(workers)],
+        log_dir,
+    )
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: http_status(f"{base}/healthz") == 200, 60)
+    if workers > 1:
+        # /healthz names the worker that answered; wait until every worker has.
+        seen: set[int | None] = set()
+
+        def every_worker_answered() -> bool:
+            seen.add(health_pid(f"{base}/healthz"))
+            return len(seen) >= workers
+
+        server.wait_ready(every_worker_answered, 30)
+    return server, base
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of ``root`` and its descendants (all threads), from /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
+# --------------------------------------------------------------------------- load
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Describe a quiet river in one sentence."},
+]
+DONE = b"data: [DONE]\n\n"
+
+# A request returns True when the answer was a 200 with a complete body.
+RequestFn = Callable[[], Awaitable[bool]]
+
+
+def request_body(model: str, stream: bool) -> bytes:
+    return orjson.dumps(
+        {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": stream}
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    model: str
+    headers: dict[str, str]
+    server: Server  # whose CPU is charged to this target
+
+
+@contextlib.asynccontextmanager
+async def client(target: Target, concurrency: int) -> AsyncIterator[dict[str, RequestFn]]:
+    """A session with one keep-alive connection per worker (as bench/http_clients.py)."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    headers = {"content-type": "application/json", "accept-encoding": "identity", **target.headers}
+    plain_body = request_body(target.model, stream=False)
+    stream_body = request_body(target.model, stream=True)
+
+    async def plain() -> bool:
+        async with session.post(target.url, data=plain_body, headers=headers) as response:
+            body = await response.read()
+            return response.status == 200 and body.startswith(b"{")
+
+    async def stream() -> bool:
+        async with session.post(target.url, data=stream_body, headers=headers) as response:
+            tail = b""
+            async for chunk in response.content.iter_any():
+                tail = (tail + chunk)[-len(DONE) :]
+            return response.status == 200 and tail == DONE
+
+    try:
+        yield {"plain": plain, "stream": stream}
+    finally:
+        await session.close()
+
+
+@dataclass
+class Run:
+    target: str
+    mode: str
+    concurrency: int
+    latencies: list[float]
+    errors: int
+    wall_s: float
+    proxy_cpu_s: float | None
+    upstream_cpu_s: float
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    def percentile_ms(self, pct: float) -> float:
+        ordered = sorted(self.latencies)
+        return 1e3 * ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+
+    def us_per_request(self, cpu_s: float | None) -> float | None:
+        return None if cpu_s is None else 1e6 * cpu_s / self.requests
+
+
+async def drive(request: RequestFn, n: int, concurrency: int) -> tuple[list[float], int, float]:
+    """``n`` requests from ``concurrency`` closed-loop workers: latencies, errors, wall."""
+    todo = iter(range(n))
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        for _ in todo:  # a shared iterator: each worker takes the next request number
+            start = time.perf_counter()
+            try:
+                ok = await request()
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+    gc.collect()
+    wall = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - wall
+
+
+@dataclass
+class Servers:
+    """The running servers, and how many calls the proxy has been sent (to wait for usage)."""
+
+    proxy: Server
+    upstream: Server
+    proxy_calls: int = 0
+
+    async def usage_written(self, deadline_s: float = 30.0) -> bool:
+        """Wait until the proxy has written a usage row for every call it was sent.
+
+        Its usage thread writes about once a second; waiting for it puts the cost of
+        writing a run's own events, and only those, inside that run's CPU window.
+        """
+        from monitoring.models import UsageEvent
+
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            # A thread: Django refuses synchronous queries inside an event loop.
+            if await asyncio.to_thread(UsageEvent.objects.count) >= self.proxy_calls:
+                return True
+            await asyncio.sleep(0.05)
+        print(f"  (usage rows still missing after {deadline_s:.0f} s)", flush=True)
+        return False
+
+
+async def measure(
+    target: Target, mode: str, concurrency: int, n: int, warmup: int, servers: Servers
+) -> Run:
+    through_proxy = target.server is servers.proxy
+    async with client(target, concurrency) as requests:
+        request = requests[mode]
+        warm = max(warmup, 2 * concurrency)
+        _, warm_errors, _ = await drive(request, warm, concurrency)
+        if through_proxy:
+            servers.proxy_calls += warm
+            await servers.usage_written()
+        proxy_cpu = tree_cpu_seconds(servers.proxy.pid)
+        upstream_cpu = tree_cpu_seconds(servers.upstream.pid)
+        latencies, errors, wall = await drive(request, n, concurrency)
+        if through_proxy:
+            servers.proxy_calls += n
+            await servers.usage_written()
+        proxy_cpu = tree_cpu_seconds(servers.proxy.pid) - proxy_cpu
+        upstream_cpu = tree_cpu_seconds(servers.upstream.pid) - upstream_cpu
+    return Run(
+        target.name,
+        mode,
+        concurrency,
+        latencies,
+        errors + warm_errors,
+        wall,
+        proxy_cpu if through_proxy else None,
+        upstream_cpu,
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cell(value: float | None, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def print_runs(runs: list[Run]) -> None:
+    print(
+        f"{'target':<10}{'mode':<8}{'conc':>5}{'requests':>9}{'errors':>7}{'req/s':>9}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'proxy us/req':>14}{'upst us/req':>13}"
+    )
+    for run in runs:
+        print(
+            f"{run.target:<10}{run.mode:<8}{run.concurrency:>5}{run.requests:>9}{run.errors:>7}"
+            f"{run.rps:>9,.0f}{run.percentile_ms(50):>9.2f}{run.percentile_ms(99):>9.2f}"
+            f"{cell(run.us_per_request(run.proxy_cpu_s), 14, ',.0f')}"
+            f"{cell(run.us_per_request(run.upstream_cpu_s), 13, ',.0f')}"
+        )
+
+
+def print_ratios(runs: list[Run]) -> None:
+    print()
+    print("through Stagegate vs direct, per (mode, concurrency):")
+    print(
+        f"{'mode':<8}{'conc':>5}{'via/direct':>12}{'+p50 ms':>9}{'+p99 ms':>9}{'proxy us/req':>14}"
+    )
+    by_key = {(run.target, run.mode, run.concurrency): run for run in runs}
+    for run in runs:
+        if run.target != "stagegate":
+            continue
+        direct = by_key[("direct", run.mode, run.concurrency)]
+        print(
+            f"{run.mode:<8}{run.concurrency:>5}{run.rps / direct.rps:>12.2f}"
+            f"{run.percentile_ms(50) - direct.percentile_ms(50):>9.2f}"
+            f"{run.percentile_ms(99) - direct.percentile_ms(99):>9.2f}"
+            f"{cell(run.us_per_request(run.proxy_cpu_s), 14, ',.0f')}"
+        )
+
+
+async def run_load(args: argparse.Namespace, targets: list[Target], servers: Servers) -> list[Run]:
+    runs = []
+    counts = {"plain": args.requests, "stream": args.stream_requests}
+    for mode, n in counts.items():
+        for concurrency in args.concurrency:
+            # Direct and through Stagegate back to back, so both see the same machine state.
+            for target in targets:
+                run = await measure(target, mode, concurrency, n, args.warmup, servers)
+                runs.append(run)
+                print(
+                    f"  {run.target:<10}{run.mode:<8}c={run.concurrency:<4}{run.rps:>9,.0f} req/s",
+                    flush=True,
+                )
+    return runs
+
+
+# --------------------------------------------------------------------------- micro
+
+
+def per_call_us(fn: Callable[[], object], iterations: int) -> float:
+    """Mean µs per call of ``fn`` over ``iterations`` calls, after a tenth as warm-up."""
+    for _ in range(max(1, iterations // 10)):
+        fn()
+    gc.collect()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    return 1e6 * (time.perf_counter() - start) / iterations
+
+
+def micro(iterations: int) -> None:
+    """decide() and the key check, on one core, from the example plan's first stage."""
+    import hashlib
+    import hmac
+
+    from access.decisions import (
+        Decision,
+        KeyEntry,
+        OrgEntry,
+        ReleaseEntry,
+        RequestInfo,
+        decide,
+    )
+    from access.keys import digest, generate_key, parse_key
+    from access.proxy import Proxy, ProxyConfig
+    from access.ratelimits import LocalLimiter
+    from access.snapshot import Snapshot, SnapshotStore
+    from monitoring.usage import UsageRecorder
+    from rollout.plan_schema import parse_plan
+
+    with contextlib.suppress(AttributeError, OSError):  # not every OS can pin
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    stage = parse_plan(PLAN.read_bytes()).stages[0]
+    now = time.time()
+    raw_key, key_id = generate_key()
+    key = KeyEntry(key_id, f"key_{key_id}", digest(raw_key), 1, None, False)
+    org = OrgEntry("org_bench", ORG_SLUG, TIER, ((EVIDENCE, now + 365 * 86_400),))
+    release = ReleaseEntry(
+        RELEASE, "rel_bench", "active", stage, "http://127.0.0.1:8001/v1", UPSTREAM_MODEL, 1, 0
+    )
+    request = RequestInfo("chat.completions", stream=True, max_tokens=MAX_TOKENS)
+
+    def decide_allowed() -> Decision:
+        return decide(key=key, org=org, release=release, model=RELEASE, request=request, now=now)
+
+    if not decide_allowed().allowed:
+        raise RuntimeError(f"the bench request is refused: {decide_allowed()}")
+
+    # A snapshot of 10,000 keys: the lookup is a dict hit whatever the size.
+    keys = {key_id: key}
+    for _ in range(9_999):
+        other_raw, other_id = generate_key()
+        keys[other_id] = KeyEntry(other_id, f"key_{other_id}", digest(other_raw), 1, None, False)
+    snapshot = Snapshot(marker=None, keys=keys, orgs={1: org}, releases={RELEASE: release})
+    proxy = Proxy(
+        ProxyConfig(), store=SnapshotStore(), limiter=LocalLimiter(), recorder=UsageRecorder()
+    )
+    raw = raw_key.encode()
+    scope = {
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"accept-encoding", b"identity"),
+            (b"authorization", b"Bearer " + raw),
+        ]
+    }
+    if proxy._key(scope, snapshot) is not key:
+        raise RuntimeError("Proxy._key does not find the bench key")
+
+    cases: dict[str, Callable[[], object]] = {
+        "empty call (loop overhead)": lambda: None,
+        "decide (allowed)": decide_allowed,
+        "Proxy._key (valid key)": lambda: proxy._key(scope, snapshot),
+        "  parse_key": lambda: parse_key(raw_key),
+        "  sha256 hex + compare_digest": lambda: hmac.compare_digest(
+            hashlib.sha256(raw).hexdigest(), key.digest
+        ),
+        "  dict lookup": lambda: keys.get(key_id),
+    }
+    print()
+    print(f"in-process, one core, {iterations:,} calls each (after a tenth as warm-up):")
+    print(f"{'case':<32}{'calls/s':>12}{'us/call':>9}")
+    for name, fn in cases.items():
+        us = per_call_us(fn, iterations)
+        print(f"{name:<32}{1e6 / us:>12,.0f}{us:>9.2f}", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    parser.add_argument("--requests", type=int, help="timed plain requests per run (6000)")
+    parser.add_argument("--stream-requests", type=int, help="timed stream requests (3000)")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[1, 10, 50],
+        help="comma-separated levels (default 1,10,50)",
+    )
+    parser.add_argument("--warmup", type=int, help="untimed requests per run (200)")
+    parser.add_argument("--iterations", type=int, help="calls per micro-benchmark (200000)")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="limits in Redis: REDIS_URL if set, else a private redis-server",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="proxy workers (>1 needs Redis)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.requests = args.requests or (600 if quick else 6000)
+    args.stream_requests = args.stream_requests or (300 if quick else 3000)
+    args.warmup = args.warmup if args.warmup is not None else (50 if quick else 200)
+    args.iterations = args.iterations or (50_000 if quick else 200_000)
+    args.redis = args.redis or bool(os.environ.get("REDIS_URL"))
+    if args.workers < 1 or (args.workers > 1 and not args.redis):
+        parser.error("--workers above 1 shares limits through Redis: add --redis")
+    return args
+
+
+def print_header(args: argparse.Namespace, limits: str) -> None:
+    print(
+        f"Stagegate proxy overhead | Python {platform.python_version()}, uvloop"
+        f" {uvloop.__version__}, aiohttp {aiohttp.__version__} | os.cpu_count() = {os.cpu_count()}"
+    )
+    print(
+        f"NOTE: the load generator, the proxy ({args.workers} worker(s)) and the demo upstream"
+        f" share these {os.cpu_count()} CPUs: via/direct understates throughput and +p50/+p99"
+        " include waiting for a core; proxy us/req is the least disturbed overhead figure."
+    )
+    print(
+        f"limits: {limits} | requests per run: plain {args.requests}, stream"
+        f" {args.stream_requests}, warm-up {args.warmup} | body: chat, max_tokens {MAX_TOKENS}"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    var_dir = tempfile.mkdtemp(prefix="stagegate-bench-proxy-")
+    servers: list[Server] = []
+    try:
+        redis_url = os.environ.get("REDIS_URL") if args.redis else None
+        if args.redis and not redis_url:
+            redis_server, redis_url = start_redis(var_dir)
+            servers.append(redis_server)
+        configure(var_dir, redis_url)
+        import django
+
+        django.setup()
+        print_header(args, f"Redis ({redis_url})" if redis_url else "in process (LocalLimiter)")
+
+        upstream, upstream_base = start_upstream(var_dir)
+        servers.append(upstream)
+        raw_key = seed(f"{upstream_base}/v1")
+        proxy, proxy_base = start_proxy(var_dir, args.workers)
+        servers.append(proxy)
+        targets = [
+            Target("direct", f"{upstream_base}/v1/chat/completions", UPSTREAM_MODEL, {}, upstream),
+            Target(
+                "stagegate",
+                f"{proxy_base}/v1/chat/completions",
+                RELEASE,
+                {"authorization": f"Bearer {raw_key}"},
+                proxy,
+            ),
+        ]
+        print(f"ready in {time.perf_counter() - started:.1f} s; running:", flush=True)
+        runs = uvloop.run(run_load(args, targets, Servers(proxy, upstream)))
+        for server in reversed(servers):
+            server.stop()
+        print()
+        print_runs(runs)
+        print_ratios(runs)
+        micro(args.iterations)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(var_dir, ignore_errors=True)
+    print(f"\ntotal {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
