@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import time
@@ -122,6 +123,11 @@ class HTTPError(Exception):
         self.headers = list(headers)
 
 
+# Request ids: unique per process start and worker, without a syscall per request.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 class Call:
     """What is known about one request as it goes through; becomes a usage event."""
 
@@ -149,7 +155,7 @@ class Call:
         self.endpoint = endpoint
         self.started = time.perf_counter()
         self.wall = time.time()
-        self.request_id = "req_" + os.urandom(12).hex()
+        self.request_id = f"req_{_ID_PREFIX}{next(_ID_COUNTER):x}"
         self.key: KeyEntry | None = None
         self.org: OrgEntry | None = None
         self.model = ""
@@ -299,7 +305,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [content_type, *headers],
+                "headers": [content_type, (b"content-length", b"%d" % len(body)), *headers],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -357,9 +363,11 @@ class Proxy:
             verdict = "allow" if decision.allowed else "deny"
         else:  # a listing that succeeded
             reason, verdict = "ok", "allow"
-        release = call.model[:63]
         stage = (decision.stage or "") if decision else ""
         tier = (decision.tier or "") if decision else ""
+        # Metrics label only releases that exist: a client-chosen name would let anyone
+        # grow the series without bound. The usage event keeps the name asked for.
+        release = call.model[:63] if stage else ""
         elapsed = time.perf_counter() - call.started
         self.recorder.record(
             (
@@ -368,7 +376,7 @@ class Proxy:
                 call.org.public_id if call.org else "",
                 call.key.public_id if call.key else "",
                 tier,
-                release,
+                call.model[:63],
                 stage,
                 call.endpoint,
                 verdict,
@@ -384,15 +392,16 @@ class Proxy:
                 None if call.upstream_seconds is None else call.upstream_seconds * 1000,
             )
         )
-        metrics.REQUESTS.labels(release, stage, tier, call.endpoint, reason).inc()
-        metrics.REQUEST_LATENCY.labels(call.endpoint).observe(elapsed)
+        child = metrics.child
+        child(metrics.REQUESTS, release, stage, tier, call.endpoint, reason).inc()
+        child(metrics.REQUEST_LATENCY, call.endpoint).observe(elapsed)
         if call.upstream_seconds is not None:
-            metrics.UPSTREAM_LATENCY.labels(release).observe(call.upstream_seconds)
+            child(metrics.UPSTREAM_LATENCY, release).observe(call.upstream_seconds)
         if call.error:
-            metrics.UPSTREAM_ERRORS.labels(release, call.error).inc()
+            child(metrics.UPSTREAM_ERRORS, release, call.error).inc()
         if call.prompt_tokens or call.completion_tokens:
-            metrics.TOKENS.labels(release, tier, "prompt").inc(call.prompt_tokens)
-            metrics.TOKENS.labels(release, tier, "completion").inc(call.completion_tokens)
+            child(metrics.TOKENS, release, tier, "prompt").inc(call.prompt_tokens)
+            child(metrics.TOKENS, release, tier, "completion").inc(call.completion_tokens)
 
     async def _refuse(self, send, call: Call, decision: Decision, headers=()) -> None:
         """Answer a refusal; the caller records the call."""
@@ -625,7 +634,11 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", content_type.encode()), *headers],
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", b"%d" % len(payload)),
+                    *headers,
+                ],
             }
         )
         await send({"type": "http.response.body", "body": payload})

@@ -105,7 +105,8 @@ class SSERelay:
     def feed(self, chunk: bytes) -> bytes:
         """The whole events in ``pending + chunk`` to send on now."""
         data = self._pending + chunk if self._pending else chunk
-        parts = EVENT_END.split(data)
+        # The regex has no literal first byte to search for: ten times slower than split.
+        parts = EVENT_END.split(data) if b"\r" in data else data.split(b"\n\n")
         self._pending = parts.pop()
         if not parts:
             return b""
@@ -125,7 +126,9 @@ class SSERelay:
         if event.startswith(DONE):
             self.done = True
             return True
-        if b'"usage"' in event or FILTERED.search(event):
+        # Streams asked for usage carry "usage":null in every chunk: parse only the rest.
+        usage_here = b'"usage"' in event and b'"usage":null' not in event
+        if usage_here or FILTERED.search(event):
             payload = event[event.find(b"{") :]
             try:
                 document = orjson.loads(payload)

@@ -95,6 +95,20 @@ USAGE_PENDING = Gauge(
 )
 
 
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    """``metric.labels(*labels)``, remembered: the proxy calls this on every request,
+    and prometheus-client's own lookup takes a lock and rebuilds the key each time.
+    Callers keep label values bounded (no client-chosen strings)."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 def render() -> bytes:
     """The exposition text for a scrape, merged across worker processes if needed."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

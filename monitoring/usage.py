@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -57,9 +57,10 @@ FIELDS: tuple[str, ...] = (
 _CREATED_AT = FIELDS.index("created_at")
 
 
-def _row(event: tuple) -> tuple:
+def _row(event: tuple, adapt=None) -> tuple:
     row = list(event)
-    row[_CREATED_AT] = datetime.fromtimestamp(event[_CREATED_AT], UTC)
+    created_at = datetime.fromtimestamp(event[_CREATED_AT], UTC)
+    row[_CREATED_AT] = created_at if adapt is None else adapt(created_at)
     return tuple(row)
 
 
@@ -77,10 +78,15 @@ def write_events(events: list[tuple]) -> None:
             for event in events:
                 copy.write_row(_row(event))
     else:
-        UsageEvent.objects.bulk_create(
-            [UsageEvent(**dict(zip(FIELDS, _row(event), strict=True))) for event in events],
-            batch_size=500,
+        # One executemany: the ORM's bulk_create costs four times as much CPU per row,
+        # and this thread shares the interpreter lock with the requests.
+        sql = (
+            f"INSERT INTO {UsageEvent._meta.db_table} ({', '.join(FIELDS)})"  # noqa: S608
+            f" VALUES ({', '.join(['%s'] * len(FIELDS))})"
         )
+        with transaction.atomic(), connection.cursor() as cursor:
+            adapt = connection.ops.adapt_datetimefield_value  # the ORM's storage format
+            cursor.executemany(sql, [_row(event, adapt) for event in events])
 
 
 class UsageRecorder:

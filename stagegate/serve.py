@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1 and not settings.REDIS_URL:
         # In-process limits would be multiplied by the number of workers.
         parser.error("several workers share limits through Redis: set REDIS_URL, or use 1")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(
-        _prepare_metrics_dir(Path(settings.VAR_DIR), args.port)
-    )
+    if args.workers > 1:  # one worker keeps its metrics in memory, which is cheaper
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(
+            _prepare_metrics_dir(Path(settings.VAR_DIR), args.port)
+        )
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
     demo = None
     if args.demo_upstream:
