@@ -43,3 +43,6 @@ clean:
 ## Benchmarks print figures (see docs/performance.md); they never fail a build.
 bench: install
 	$(BIN)/python bench/keys.py
+	$(BIN)/python bench/http_clients.py
+	$(BIN)/python bench/servers.py
+	$(BIN)/python bench/proxy.py

@@ -503,17 +503,26 @@ def test_metrics_need_the_token_and_count_decisions(cast):
     "not __import__('os').environ.get('REDIS_URL')",
     reason="several workers share limits through Redis (the CI run with REDIS_URL)",
 )
-def test_metrics_add_up_across_worker_processes(cast):
+def test_two_workers_share_metrics_and_both_refuse_a_revoked_key_within_one_second(cast):
     server = ProxyServer(workers=2)
     try:
-        for _ in range(12):  # a new connection each time, so both workers serve some
+        workers: dict[str, int] = {}  # request id prefix (one per worker) -> requests served
+        while len(workers) < 2 or sum(workers.values()) < 12:  # new connection each time
             response = httpx.post(
                 f"{server.url}/v1/chat/completions",
                 json={"model": "atlas-2", "messages": HELLO, "max_tokens": 2},
                 headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
             )
             assert response.status_code == 200
-        pids = {httpx.get(f"{server.url}/healthz").json()["pid"] for _ in range(20)}
+            prefix = response.headers["x-request-id"][4:16]
+            workers[prefix] = workers.get(prefix, 0) + 1
+            assert sum(workers.values()) < 50, "one worker served every request"
+        served = sum(workers.values())
+        pids = set()
+        for _ in range(200):  # the kernel picks the worker; ask until both have answered
+            pids.add(httpx.get(f"{server.url}/healthz").json()["pid"])
+            if len(pids) == 2:
+                break
         scrapes = {
             re.search(
                 r'stagegate_proxy_requests_total\{endpoint="chat.completions",reason="ok",'
@@ -524,7 +533,29 @@ def test_metrics_add_up_across_worker_processes(cast):
             ).group(1)
             for _ in range(6)
         }
+        revoke_key(
+            api_key=ApiKey.objects.get(organization__slug="northwind-research"),
+            actor=None,
+            reason="test",
+        )
+        time.sleep(1.0)  # the guarantee: within a second, on every worker
+        refusals = []
+        for _ in range(200):  # until both workers (request id prefixes) have answered
+            refusals.append(
+                httpx.post(
+                    f"{server.url}/v1/chat/completions",
+                    json={"model": "atlas-2", "messages": HELLO},
+                    headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
+                )
+            )
+            served_by = {r.headers["x-request-id"][4:16] for r in refusals}
+            if len(served_by) == 2 and len(refusals) >= 20:
+                break
     finally:
         server.stop()
     assert len(pids) == 2
-    assert scrapes == {"12.0"}  # every scrape, whichever worker answers, sees all 12
+    # Neither worker served them all, yet every scrape, whichever worker answers it,
+    # counts every request.
+    assert scrapes == {f"{served}.0"}
+    assert len(served_by) == 2
+    assert {(r.status_code, r.json()["error"]["code"]) for r in refusals} == {(401, "key_revoked")}
