@@ -1,0 +1,461 @@
+"""ASGI serving: a raw ASGI app vs Django's handler, on uvicorn's fast and pure-Python stacks.
+
+What is measured
+  The proxy's routes are a raw ASGI app on uvicorn + uvloop + httptools, outside
+  Django's request machinery (stagegate/asgi.py). This script puts a number on both
+  choices with the smallest possible endpoint, GET /v1/ping answering the same
+  ~200-byte JSON body (json.dumps per request, as JsonResponse does), served by four
+  subprocesses, each on a free port (this file re-run with --serve KIND PORT):
+
+    raw           a raw ASGI function (checks scope["path"], sends start + body with
+                  content-type and content-length), uvicorn loop=uvloop, http=httptools
+    raw-h11       the same function, uvicorn loop=asyncio, http=h11 (pure Python)
+    django-async  `async def ping(request): return JsonResponse(...)` through Django's
+                  ASGI handler with the project's settings and its full MIDDLEWARE
+                  (the urlconf is this module's one route), uvicorn uvloop + httptools
+    django-sync   the same with `def ping(request)`: Django runs the view in a thread
+
+  One closed-loop load generator in this process (aiohttp on uvloop, one keep-alive
+  connection per worker, as bench/http_clients.py) runs, per concurrency, each server
+  in turn back to back: a warm-up, then N timed requests or S seconds, whichever ends
+  first (Django serves an order of magnitude fewer requests per second; the cap keeps
+  the run short). Every answer must be a 200 with the expected body; anything else is
+  counted as an error.
+
+How to read the output
+  requests    timed requests completed (below N when the time cap ended the run)
+  errors      answers that were not a 200 with the expected body (warm-up included)
+  req/s       completed requests / wall time of the timed phase
+  p50, p99    latency in ms, from sending the request to its last body byte
+  srv us/req  CPU time (utime + stime from /proc, all threads) of the server process
+              during the timed phase, per request: what serving one ping costs.
+              1e6 / (srv us/req) is about what one fully busy worker could serve
+  x raw       req/s as a ratio to raw's at the same concurrency, same run
+  cpu x raw   srv us/req as a ratio to raw's (above 1 = costs more CPU per request)
+
+  The load generator and the server share this machine's cores (the header says how
+  many), so req/s is a system figure and p50/p99 at concurrency 20 include waiting for
+  a core; srv us/req is the figure least disturbed by that sharing. Absolute numbers
+  depend on the machine; compare the ratios across machines.
+
+Usage: python bench/servers.py [--quick] [--requests 10000] [--seconds 6]
+                               [--concurrency 1,20] [--warmup 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import uvloop
+from django.http import HttpRequest, JsonResponse
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/v1/ping"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+sys.path.insert(0, str(ROOT))
+
+# --------------------------------------------------------------------------- servers
+
+# About 200 bytes once serialized; every server serializes it per request.
+PING = {
+    "object": "ping",
+    "status": "ok",
+    "service": "stagegate",
+    "version": "2026.11.0",
+    "worker": "uvicorn-1",
+    "checks": {"snapshot": "fresh", "limiter": "local", "usage_writer": "running"},
+    "time": 1_700_000_000,
+}
+PING_BYTES = len(json.dumps(PING).encode())  # what JsonResponse sends, byte for byte
+
+
+async def raw_app(scope, receive, send) -> None:
+    """The proxy's style: a plain ASGI function, no framework."""
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "GET" and scope["path"] == PATH:
+        body = json.dumps(PING).encode()
+        status = 200
+    else:
+        body = b'{"error":"not found"}'
+        status = 404
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def ping_async(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(PING)
+
+
+def ping_sync(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(PING)
+
+
+# The urlconf of the Django servers: this module (__main__ in a --serve process), with
+# the one route django_app() sets, so the project's own URLs and views stay out of it.
+urlpatterns: list = []
+
+
+def django_app(view: Callable):
+    """Django's ASGI handler with the project's settings, MIDDLEWARE and only ``view``."""
+    global urlpatterns
+    from django.conf import settings
+    from django.core.asgi import get_asgi_application
+    from django.urls import path
+
+    urlpatterns = [path(PATH.lstrip("/"), view)]
+    # Set before the handler exists, so no resolver has cached the project's urlconf.
+    settings.ROOT_URLCONF = __name__
+    return get_asgi_application()
+
+
+@dataclass(frozen=True)
+class Kind:
+    label: str
+    loop: str
+    http: str
+    app: Callable[[], Callable]
+
+
+KINDS = {
+    "raw": Kind("raw ASGI app, uvicorn uvloop + httptools", "uvloop", "httptools", lambda: raw_app),
+    "raw-h11": Kind("raw ASGI app, uvicorn asyncio + h11", "asyncio", "h11", lambda: raw_app),
+    "django-async": Kind(
+        "Django ASGI handler, async view, uvicorn uvloop + httptools",
+        "uvloop",
+        "httptools",
+        lambda: django_app(ping_async),
+    ),
+    "django-sync": Kind(
+        "Django ASGI handler, sync view, uvicorn uvloop + httptools",
+        "uvloop",
+        "httptools",
+        lambda: django_app(ping_sync),
+    ),
+}
+BASELINE = "raw"
+
+
+def serve(kind: str, port: int) -> None:
+    import uvicorn
+
+    config = KINDS[kind]
+    uvicorn.run(
+        config.app(),
+        host="127.0.0.1",
+        port=port,
+        loop=config.loop,
+        http=config.http,
+        lifespan="off",  # Django's handler refuses lifespan scopes; raw_app has no use for them
+        access_log=False,
+        log_level="warning",
+    )
+
+
+def configure(var_dir: str) -> None:
+    """This process and its servers: the project's settings on a throwaway var dir."""
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="stagegate.settings",
+        STAGEGATE_MODE="embedded",
+        STAGEGATE_VAR_DIR=var_dir,
+        DEBUG="False",
+    )
+    for name in ("DATABASE_URL", "STAGEGATE_SQLITE_PATH", "PROMETHEUS_MULTIPROC_DIR", "REDIS_URL"):
+        os.environ.pop(name, None)
+
+
+def sync_only_middleware() -> list[str]:
+    """MIDDLEWARE entries Django must run synchronously (each costs the async chain a hop)."""
+    import django
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    django.setup()
+    return [
+        name
+        for name in settings.MIDDLEWARE
+        if not getattr(import_string(name), "async_capable", False)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status
+
+
+class Server:
+    """This file re-run with --serve KIND PORT, its output in a log file."""
+
+    def __init__(self, kind: str, log_dir: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.log_path = Path(log_dir) / f"{kind}.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve", kind, str(self.port)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_ready(self, deadline_s: float = 30.0) -> None:
+        """Poll GET /v1/ping until it answers 200; raise with the log after the deadline."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.kind} exited with {self.popen.returncode}:\n{self.log()}"
+                )
+            with contextlib.suppress(OSError):
+                if http_status(self.url) == 200:
+                    return
+            time.sleep(0.05)  # poll interval, not a readiness guess
+        raise RuntimeError(f"{self.kind} not ready after {deadline_s:.0f} s:\n{self.log()}")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process, all its threads, from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+# --------------------------------------------------------------------------- load
+
+# A request returns True when the answer was a 200 with the expected body.
+RequestFn = Callable[[], Awaitable[bool]]
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, concurrency: int) -> AsyncIterator[RequestFn]:
+    """A session with one keep-alive connection per worker (as bench/http_clients.py)."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    headers = {"accept": "application/json", "accept-encoding": "identity"}
+
+    async def ping() -> bool:
+        async with session.get(url, headers=headers) as response:
+            body = await response.read()
+            return response.status == 200 and len(body) == PING_BYTES
+
+    try:
+        yield ping
+    finally:
+        await session.close()
+
+
+@dataclass
+class Run:
+    kind: str
+    concurrency: int
+    latencies: list[float]
+    errors: int
+    wall_s: float
+    server_cpu_s: float
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def server_us(self) -> float:
+        return 1e6 * self.server_cpu_s / self.requests
+
+    def percentile_ms(self, pct: float) -> float:
+        ordered = sorted(self.latencies)
+        return 1e3 * ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+
+
+async def drive(
+    request: RequestFn, n: int, concurrency: int, max_s: float = float("inf")
+) -> tuple[list[float], int, float]:
+    """``n`` requests (fewer if ``max_s`` runs out) from ``concurrency`` closed-loop workers.
+
+    Returns latencies, errors and wall time.
+    """
+    todo = iter(range(n))
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + max_s
+
+    async def worker() -> None:
+        nonlocal errors
+        for _ in todo:  # a shared iterator: each worker takes the next request number
+            start = time.perf_counter()
+            if start > deadline:  # time cap: Django serves far fewer requests per second
+                break
+            try:
+                ok = await request()
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+    gc.collect()
+    wall = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - wall
+
+
+async def measure(server: Server, concurrency: int, args: argparse.Namespace) -> Run:
+    async with client(server.url, concurrency) as ping:
+        warm = max(args.warmup, 2 * concurrency)
+        _, warm_errors, _ = await drive(ping, warm, concurrency, args.seconds / 2)
+        cpu = server.cpu_seconds()
+        latencies, errors, wall = await drive(ping, args.requests, concurrency, args.seconds)
+        cpu = server.cpu_seconds() - cpu
+    return Run(server.kind, concurrency, latencies, errors + warm_errors, wall, cpu)
+
+
+# --------------------------------------------------------------------------- report
+
+COLUMNS = (
+    f"{'server':<14}{'conc':>5}{'requests':>9}{'errors':>7}{'req/s':>9}{'p50 ms':>9}"
+    f"{'p99 ms':>9}{'srv us/req':>12}{'x raw':>7}{'cpu x raw':>11}"
+)
+
+
+def row(run: Run, baseline: Run) -> str:
+    return (
+        f"{run.kind:<14}{run.concurrency:>5}{run.requests:>9}{run.errors:>7}{run.rps:>9,.0f}"
+        f"{run.percentile_ms(50):>9.2f}{run.percentile_ms(99):>9.2f}{run.server_us:>12,.0f}"
+        f"{run.rps / baseline.rps:>7.2f}{run.server_us / baseline.server_us:>11.2f}"
+    )
+
+
+def print_header(args: argparse.Namespace, sync_only: list[str]) -> None:
+    import django
+    import uvicorn
+
+    print(
+        f"ASGI serving of GET {PATH} ({PING_BYTES} B JSON) | Python"
+        f" {platform.python_version()}, Django {django.get_version()}, uvicorn"
+        f" {uvicorn.__version__}, uvloop {uvloop.__version__}, aiohttp {aiohttp.__version__}"
+        f" | os.cpu_count() = {os.cpu_count()}"
+    )
+    print(
+        f"NOTE: the load generator and the server share these {os.cpu_count()} CPUs: req/s is a"
+        " system figure; srv us/req is the server's own cost per request."
+    )
+    for name, kind in KINDS.items():
+        print(f"  {name:<14}{kind.label}")
+    print(
+        f"Django MIDDLEWARE: {len(sync_only)} sync-only entr{'y' if len(sync_only) == 1 else 'ies'}"
+        f" ({', '.join(sync_only) or 'none'})"
+        + ("; the async chain hops to a thread and back around it" if sync_only else "")
+    )
+    print(
+        f"per run: {args.requests} timed requests or {args.seconds:g} s, whichever ends first;"
+        f" warm-up {args.warmup} requests or {args.seconds / 2:g} s"
+    )
+
+
+async def run_load(args: argparse.Namespace, servers: list[Server]) -> None:
+    print(COLUMNS)
+    for concurrency in args.concurrency:
+        # Every server back to back at one concurrency, so all see the same machine state.
+        runs = [await measure(server, concurrency, args) for server in servers]
+        baseline = next(run for run in runs if run.kind == BASELINE)
+        for run in runs:
+            print(row(run, baseline), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 15 s)")
+    parser.add_argument("--requests", type=int, help="timed requests per run at most (10000)")
+    parser.add_argument("--seconds", type=float, help="timed phase per run at most (6)")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[1, 20],
+        help="comma-separated levels (default 1,20)",
+    )
+    parser.add_argument("--warmup", type=int, help="untimed requests per run (300)")
+    parser.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.requests = args.requests or (1000 if args.quick else 10000)
+    args.seconds = args.seconds or (2.0 if args.quick else 6.0)
+    args.warmup = args.warmup if args.warmup is not None else (100 if args.quick else 300)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve is not None:
+        kind, port = args.serve
+        serve(kind, int(port))
+        return
+    started = time.perf_counter()
+    var_dir = tempfile.mkdtemp(prefix="stagegate-bench-servers-")
+    servers: list[Server] = []
+    try:
+        configure(var_dir)
+        print_header(args, sync_only_middleware())
+        servers = [Server(kind, var_dir) for kind in KINDS]
+        for server in servers:
+            server.wait_ready()
+        print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
+        uvloop.run(run_load(args, servers))
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(var_dir, ignore_errors=True)
+    print(f"total {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
