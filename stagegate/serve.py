@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,16 @@ def _prepare_metrics_dir(var_dir: Path, port: int) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+def _die_with_parent() -> None:
+    """Have the kernel stop the demo upstream when this process dies: uvicorn re-raises
+    SIGTERM after its shutdown, so no ``finally`` here would get to stop it."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 "127.0.0.1",
                 "--port",
                 str(args.demo_port),
-            ]
+            ],
+            preexec_fn=_die_with_parent,  # single-threaded at this point, so safe
         )
         print(f"demo upstream on http://127.0.0.1:{args.demo_port}/v1", flush=True)
     import uvicorn
