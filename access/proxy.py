@@ -195,10 +195,10 @@ class Proxy:
 
     @classmethod
     def from_settings(cls) -> Proxy:
-        def on_reload(snapshot: Snapshot, seconds: float) -> None:
+        def on_reload(snapshot: Snapshot, seconds: float, changed: bool) -> None:
             metrics.SNAPSHOT_RELOADS.inc()
             metrics.SNAPSHOT_LOAD_SECONDS.observe(seconds)
-            if snapshot.changed_at is not None and time.time() - snapshot.changed_at < 3600:
+            if changed and snapshot.changed_at is not None:  # from commit to serving
                 metrics.INVALIDATION_LAG.observe(max(0.0, time.time() - snapshot.changed_at))
 
         if settings.REDIS_URL:

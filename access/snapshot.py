@@ -131,7 +131,7 @@ class SnapshotStore:
         poll_interval: float = 0.25,
         full_reload_interval: float = 60.0,
         max_staleness: float = 10.0,
-        on_reload: Callable[[Snapshot, float], None] | None = None,
+        on_reload: Callable[[Snapshot, float, bool], None] | None = None,
     ) -> None:
         self.poll_interval = poll_interval
         self.full_reload_interval = full_reload_interval
@@ -162,13 +162,14 @@ class SnapshotStore:
             current = self._snapshot
             stale = current is None or time.time() - current.loaded_at > self.full_reload_interval
             reloaded = False
-            if stale or marker != current.marker:
+            moved = current is not None and marker != current.marker
+            if stale or moved:
                 started = time.perf_counter()
                 snapshot = load_snapshot()
                 self._snapshot = snapshot
                 reloaded = True
                 if self.on_reload is not None:
-                    self.on_reload(snapshot, time.perf_counter() - started)
+                    self.on_reload(snapshot, time.perf_counter() - started, moved)
             self._confirmed_at = time.monotonic()
             self.last_error = None
             return reloaded

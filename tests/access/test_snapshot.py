@@ -180,10 +180,12 @@ def test_store_before_first_refresh_has_no_snapshot():
 
 def test_store_refresh_loads_first_snapshot(release, northwind):
     reloads = []
-    store = SnapshotStore(on_reload=lambda snapshot, seconds: reloads.append(snapshot))
+    store = SnapshotStore(
+        on_reload=lambda snapshot, seconds, changed: reloads.append((snapshot, changed))
+    )
     assert store.refresh() is True
     assert store.current() is store.snapshot
-    assert reloads == [store.snapshot]
+    assert reloads == [(store.snapshot, False)]  # a first load is no change to time
     assert sorted(store.snapshot.releases) == ["atlas-2"]
     assert store.last_error is None
 
@@ -199,7 +201,8 @@ def test_store_refresh_without_change_keeps_snapshot(release, northwind):
 
 def test_store_refresh_reloads_when_marker_moves(release, northwind):
     api_key = issue_key(organization=northwind, name="t", actor=None).api_key
-    store = SnapshotStore()
+    changes = []
+    store = SnapshotStore(on_reload=lambda snapshot, seconds, changed: changes.append(changed))
     store.refresh()
     first = store.snapshot
     assert first.keys[api_key.key_id].revoked is False
@@ -211,6 +214,7 @@ def test_store_refresh_reloads_when_marker_moves(release, northwind):
     assert store.snapshot.keys[api_key.key_id].revoked is True
     assert store.snapshot.marker == (_tail().seq, _tail().hash)
     assert store.refresh() is False
+    assert changes == [False, True]  # only the reload a change caused measures its lag
 
 
 def test_store_refresh_reloads_after_full_reload_interval(release):
