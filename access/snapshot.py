@@ -7,10 +7,13 @@ proxy depends on may have changed. The hash makes the marker unique even if a te
 database is flushed and its sequence starts again.
 
 ``SnapshotStore`` polls that marker from a background thread every
-``poll_interval`` seconds (one indexed query) and, when it moves, loads a new
-snapshot and swaps it in with one assignment; requests read whichever snapshot is
-current and never wait for the database. A snapshot is also reloaded every
-``full_reload_interval`` seconds whatever the marker says, as a safety net.
+``poll_interval`` seconds (one indexed query). When it moves, the audit rows since
+the last marker name what changed, and only those keys, organizations (with their
+verifications) or releases are read again (``update_snapshot``); the new snapshot
+is swapped in with one assignment. Requests read whichever snapshot is current and
+never wait for the database. Everything is loaded again every
+``full_reload_interval`` seconds, and whenever the audit rows name a kind of change
+the store does not know, as a safety net.
 
 Fail closed: when the marker cannot be read for ``max_staleness`` seconds, the
 snapshot is no longer trusted and ``current()`` returns None (the proxy answers
@@ -60,32 +63,28 @@ def _ts(value) -> float | None:
     return None if value is None else value.timestamp()
 
 
-def load_snapshot() -> Snapshot:
-    """Read everything the proxy decides from.
-
-    The marker is read first: a change that commits while the rest is read makes the
-    data newer than the marker, never older, and the next poll loads again. (No
-    transaction: on SQLite, whose transactions here take the write lock, a reader
-    must not block the writers.)
-    """
-    marker, changed_at = read_marker()
+def _load_orgs(**filters) -> dict[int, OrgEntry]:
     verifications: dict[int, list[tuple[str, float | None]]] = {}
-    for org_id, kind, expires_at in Verification.objects.filter(
-        status=VerificationStatus.VALID
-    ).values_list("organization_id", "kind", "expires_at"):
+    valid = Verification.objects.filter(status=VerificationStatus.VALID)
+    if filters:
+        valid = valid.filter(**{f"organization__{name}": value for name, value in filters.items()})
+    for org_id, kind, expires_at in valid.values_list("organization_id", "kind", "expires_at"):
         verifications.setdefault(org_id, []).append((kind, _ts(expires_at)))
-    orgs = {
+    return {
         pk: OrgEntry(
             public_id=public_id,
             slug=slug,
             tier=tier,
             verifications=tuple(verifications.get(pk, ())),
         )
-        for pk, public_id, slug, tier in Organization.objects.values_list(
+        for pk, public_id, slug, tier in Organization.objects.filter(**filters).values_list(
             "pk", "public_id", "slug", "tier"
         )
     }
-    keys = {
+
+
+def _load_keys(**filters) -> dict[str, KeyEntry]:
+    return {
         key_id: KeyEntry(
             key_id=key_id,
             public_id=public_id,
@@ -95,11 +94,14 @@ def load_snapshot() -> Snapshot:
             revoked=revoked_at is not None,
         )
         for key_id, public_id, digest, org_id, expires_at, revoked_at in (
-            ApiKey.objects.values_list(
+            ApiKey.objects.filter(**filters).values_list(
                 "key_id", "public_id", "digest", "organization_id", "expires_at", "revoked_at"
             )
         )
     }
+
+
+def _load_releases() -> dict[str, ReleaseEntry]:
     releases = {}
     for release in Release.objects.exclude(state=ReleaseState.RETIRED).select_related(
         "active_plan"
@@ -119,7 +121,101 @@ def load_snapshot() -> Snapshot:
             plan_version=plan.version,
             created=int(release.created_at.timestamp()),
         )
-    return Snapshot(marker=marker, keys=keys, orgs=orgs, releases=releases, changed_at=changed_at)
+    return releases
+
+
+def load_snapshot() -> Snapshot:
+    """Read everything the proxy decides from.
+
+    The marker is read first: a change that commits while the rest is read makes the
+    data newer than the marker, never older, and the next poll loads again. (No
+    transaction: on SQLite, whose transactions here take the write lock, a reader
+    must not block the writers.)
+    """
+    marker, changed_at = read_marker()
+    return Snapshot(
+        marker=marker,
+        keys=_load_keys(),
+        orgs=_load_orgs(),
+        releases=_load_releases(),
+        changed_at=changed_at,
+    )
+
+
+# What each kind of audited object means for the snapshot. ``object_type`` is set by
+# the services (api_key, organization, ...) and by the admin (the model's name).
+KEY_OBJECTS = frozenset({"api_key", "apikey"})
+ORG_OBJECTS = frozenset({"organization"})
+VERIFICATION_OBJECTS = frozenset({"verification"})
+RELEASE_OBJECTS = frozenset({"release", "rolloutplan", "stagetransition"})
+NOT_DECIDED_FROM = frozenset({"user", "group", "membership"})
+MAX_INCREMENTAL_ROWS = 1000
+
+
+def update_snapshot(snapshot: Snapshot) -> Snapshot | None:
+    """The snapshot with the changes audited since its marker applied, reading only
+    the objects they name; None when a full load is needed instead (too many
+    changes, a kind of change it does not know, a chain that does not continue
+    from the marker, a deleted organization)."""
+    if snapshot.marker is None:
+        return None
+    rows = list(
+        AuditEvent.objects.filter(seq__gt=snapshot.marker[0])
+        .order_by("seq")
+        .values_list("seq", "prev_hash", "hash", "object_type", "object_id", "created_at")[
+            : MAX_INCREMENTAL_ROWS + 1
+        ]
+    )
+    if not rows or len(rows) > MAX_INCREMENTAL_ROWS or rows[0][1] != snapshot.marker[1]:
+        return None
+    keys: set[str] = set()
+    orgs: set[str] = set()
+    verifications: set[str] = set()
+    releases = False
+    for _seq, _prev, _hash, object_type, object_id, _at in rows:
+        if object_type in KEY_OBJECTS:
+            keys.add(object_id)
+        elif object_type in ORG_OBJECTS:
+            orgs.add(object_id)
+        elif object_type in VERIFICATION_OBJECTS:
+            verifications.add(object_id)
+        elif object_type in RELEASE_OBJECTS:
+            releases = True
+        elif object_type not in NOT_DECIDED_FROM:
+            return None  # something new: be safe
+    if verifications:
+        orgs |= set(
+            Verification.objects.filter(public_id__in=verifications).values_list(
+                "organization__public_id", flat=True
+            )
+        )
+    new_keys = snapshot.keys
+    if keys:
+        loaded_keys = _load_keys(public_id__in=keys)
+        new_keys = {**snapshot.keys, **loaded_keys}
+        gone = keys - {entry.public_id for entry in loaded_keys.values()}
+        if gone:  # deleted keys (rare): drop them, found by their public id
+            for key_id in [k for k, entry in new_keys.items() if entry.public_id in gone]:
+                del new_keys[key_id]
+    new_orgs = snapshot.orgs
+    if orgs:
+        loaded = _load_orgs(public_id__in=orgs)
+        if len(loaded) != len(orgs):
+            return None  # an organization was deleted: its keys went with it
+        new_orgs = {**snapshot.orgs, **loaded}
+    if keys:  # a new key's organization may be one no audit row named (a data import)
+        unseen = {entry.org_id for entry in loaded_keys.values()} - new_orgs.keys()
+        if unseen:
+            new_orgs = {**new_orgs, **_load_orgs(pk__in=unseen)}
+    last = rows[-1]
+    return Snapshot(
+        marker=(last[0], last[2]),
+        keys=new_keys,
+        orgs=new_orgs,
+        releases=_load_releases() if releases else snapshot.releases,
+        loaded_at=snapshot.loaded_at,  # the full reload's clock keeps running
+        changed_at=last[5].timestamp(),
+    )
 
 
 class SnapshotStore:
@@ -165,7 +261,7 @@ class SnapshotStore:
             moved = current is not None and marker != current.marker
             if stale or moved:
                 started = time.perf_counter()
-                snapshot = load_snapshot()
+                snapshot = (not stale and update_snapshot(current)) or load_snapshot()
                 self._snapshot = snapshot
                 reloaded = True
                 if self.on_reload is not None:

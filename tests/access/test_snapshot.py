@@ -264,3 +264,94 @@ def test_store_failing_read_keeps_snapshot_but_lets_it_go_stale(release, monkeyp
     assert store.refresh() is False
     assert store.current() is None  # failed refreshes never restore trust
     assert store.snapshot is snapshot
+
+
+# --- incremental updates ------------------------------------------------------------------
+
+
+def _same(a, b) -> bool:
+    return (a.marker, a.keys, a.orgs, a.releases) == (b.marker, b.keys, b.orgs, b.releases)
+
+
+def test_update_snapshot_applies_each_kind_of_change_like_a_full_load(release, northwind, acme):
+    from access.organizations import update_organization
+    from access.verifications import revoke_verification
+    from rollout.plans import apply_plan
+
+    key = issue_key(organization=northwind, name="a", actor=None).api_key
+    snapshot = load_snapshot()
+    changes = [
+        lambda: issue_key(organization=acme, name="b", actor=None),
+        lambda: revoke_key(api_key=key, actor=None),
+        lambda: update_organization(acme, actor=None, tier="public"),
+        lambda: revoke_verification(northwind.verifications.get(), actor=None),
+        lambda: apply_plan(
+            EXAMPLE_PLAN.read_text().replace("requests_per_minute: 60", "requests_per_minute: 7"),
+            actor=None,
+        ),
+    ]
+    for change in changes:
+        change()
+        updated = access.snapshot.update_snapshot(snapshot)
+        assert updated is not None
+        assert _same(updated, load_snapshot())
+        snapshot = updated
+    assert snapshot.keys[key.key_id].revoked is True
+    assert (
+        snapshot.releases["atlas-2"].stage.tiers["research_partner"].limits.requests_per_minute == 7
+    )
+
+
+def test_update_snapshot_reads_only_what_changed(release, northwind, django_assert_max_num_queries):
+    keys = [issue_key(organization=northwind, name=f"k{n}", actor=None).api_key for n in range(30)]
+    snapshot = load_snapshot()
+    revoke_key(api_key=keys[0], actor=None)
+    with django_assert_max_num_queries(2):  # the audit rows since the marker, one key
+        updated = access.snapshot.update_snapshot(snapshot)
+    assert updated.keys[keys[0].key_id].revoked is True
+    assert updated.orgs is snapshot.orgs
+    assert updated.releases is snapshot.releases
+
+
+def test_update_snapshot_falls_back_to_a_full_load_for_unknown_changes(release, northwind):
+    from django.db import transaction
+
+    from monitoring import audit
+
+    snapshot = load_snapshot()
+    with transaction.atomic():
+        audit.record("incident.filed", actor=None, object_type="incident", object_id="inc_1")
+    assert access.snapshot.update_snapshot(snapshot) is None
+
+
+def test_update_snapshot_falls_back_when_the_chain_does_not_continue(release, northwind):
+    snapshot = load_snapshot()
+    issue_key(organization=northwind, name="a", actor=None)
+    forked = access.snapshot.Snapshot(
+        marker=(snapshot.marker[0], "0" * 64),
+        keys=snapshot.keys,
+        orgs=snapshot.orgs,
+        releases=snapshot.releases,
+    )
+    assert access.snapshot.update_snapshot(forked) is None
+
+
+def test_store_refresh_updates_incrementally_until_the_full_reload_is_due(release, northwind):
+    store = SnapshotStore(full_reload_interval=3600)
+    store.refresh()
+    first = store.snapshot
+    issue_key(organization=northwind, name="a", actor=None)
+    assert store.refresh() is True
+    assert store.snapshot.loaded_at == first.loaded_at  # an update, not a full load
+    assert _same(store.snapshot, load_snapshot())
+
+
+def test_update_snapshot_loads_the_organization_of_a_new_key(release):
+    from tests.factories import make_org
+
+    snapshot = load_snapshot()
+    imported = make_org("imported-lab", "research_partner")  # no audit row of its own
+    key = issue_key(organization=imported, name="a", actor=None).api_key
+    updated = access.snapshot.update_snapshot(snapshot)
+    assert updated.orgs[key.organization_id].slug == "imported-lab"
+    assert _same(updated, load_snapshot())
