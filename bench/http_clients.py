@@ -34,23 +34,22 @@ Usage: python bench/http_clients.py [--requests 4000] [--stream-requests 2000]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import gc
 import http.cookiejar
 import json
 import os
 import platform
 import socket
-import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import httpx
 import uvloop
+from loadgen import Load, Server, drive, free_port, percentile_ms
 
 PATH = "/v1/chat/completions"
 CREATED = 1_700_000_000
@@ -147,40 +146,24 @@ def serve(port: int) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_listening(proc: subprocess.Popen, port: int, deadline_s: float = 15.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"upstream exited early with code {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)  # poll interval, not a readiness guess
-    raise RuntimeError(f"upstream not listening on port {port} after {deadline_s:.0f} s")
+def listening(port: int) -> bool:
+    """True once ``port`` accepts a connection (OSError until then)."""
+    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    return True
 
 
 @contextlib.contextmanager
-def upstream_server():
+def upstream_server() -> Iterator[str]:
     """Runs this file with --serve PORT in a subprocess; yields the endpoint URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(port)])
-    try:
-        wait_until_listening(proc, port)
-        yield f"http://127.0.0.1:{port}{PATH}"
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="stagegate-bench-clients-") as log_dir:
+        args = [sys.executable, os.path.abspath(__file__), "--serve", str(port)]
+        server = Server("upstream", args, log_dir)
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            server.wait_ready(lambda: listening(port), 15)
+            yield f"http://127.0.0.1:{port}{PATH}"
+        finally:
+            server.stop(5)
 
 
 # --------------------------------------------------------------------------- clients
@@ -310,38 +293,25 @@ class Result:
         return 1e6 * self.cpu_s / self.requests
 
     def percentile_ms(self, pct: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1e3 * ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+        return percentile_ms(self.latencies, pct)
 
 
-async def drive(request: RequestFn, n: int, concurrency: int, expected: int) -> tuple:
-    """N requests from `concurrency` workers; returns (latencies, chunks, wall, cpu)."""
-    todo = iter(range(n))
-    latencies: list[float] = []
-    chunks = 0
-
-    async def worker() -> None:
-        nonlocal chunks
-        for _ in todo:  # shared iterator: workers take the next request number
-            start = time.perf_counter()
-            size, got = await request()
-            latencies.append(time.perf_counter() - start)
-            if size != expected:
-                raise RuntimeError(f"body of {size} bytes, expected {expected}")
-            chunks += got
-
-    gc.collect()
-    cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, chunks, time.perf_counter() - wall, time.process_time() - cpu
+def checked_chunks(load: Load[tuple[int, int]], expected: int) -> int:
+    """Every body had ``expected`` bytes (else RuntimeError); the chunks of all of them."""
+    for size, _ in load.results:
+        if size != expected:
+            raise RuntimeError(f"body of {size} bytes, expected {expected}")
+    return sum(chunks for _, chunks in load.results)
 
 
 async def measure(client: str, url: str, mode: str, concurrency: int, n: int, warmup: int):
     async with CLIENTS[client](url, concurrency) as requests:
         request, expected = requests[mode], EXPECTED_BYTES[mode]
-        await drive(request, max(warmup, 2 * concurrency), concurrency, expected)
-        latencies, chunks, wall, cpu = await drive(request, n, concurrency, expected)
-    return Result(client, mode, concurrency, n, wall, cpu, latencies, chunks)
+        warm = await drive(request, max(warmup, 2 * concurrency), concurrency)
+        checked_chunks(warm, expected)
+        load = await drive(request, n, concurrency)
+    chunks = checked_chunks(load, expected)
+    return Result(client, mode, concurrency, n, load.wall_s, load.cpu_s, load.latencies, chunks)
 
 
 # --------------------------------------------------------------------------- report

@@ -61,9 +61,6 @@ import gc
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +74,15 @@ import aiohttp
 import orjson
 import uvloop
 import yaml
+from loadgen import (
+    Server,
+    client_session,
+    drive,
+    free_port,
+    http_status,
+    percentile_ms,
+    tree_cpu_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "docs" / "examples" / "atlas-2.yaml"
@@ -87,7 +93,6 @@ RELEASE = "atlas-2"
 UPSTREAM_MODEL = "atlas-2-2026-11"
 ACTOR = "system:bench"
 MAX_TOKENS = 16
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 sys.path.insert(0, str(ROOT))
 
@@ -154,57 +159,6 @@ def seed(upstream_base_url: str) -> str:
     raw_key = issue_key(organization=org, name="bench", actor=ACTOR).raw_key
     connection.close()  # the proxy's usage writer shares the SQLite file
     return raw_key
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A subprocess with its output in a log file (shown if it fails to start)."""
-
-    def __init__(self, name: str, args: list[str], log_dir: str) -> None:
-        self.name = name
-        self.log_path = Path(log_dir) / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def wait_ready(self, check: Callable[[], bool], deadline_s: float) -> None:
-        """Poll ``check`` until it is true; raise with the server's log after the deadline."""
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.popen.returncode}:\n{self.log()}"
-                )
-            with contextlib.suppress(OSError):
-                if check():
-                    return
-            time.sleep(0.05)  # poll interval, not a readiness guess
-        raise RuntimeError(f"{self.name} not ready after {deadline_s:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)  # uvicorn shuts down; usage is flushed
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-
-def http_status(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status
 
 
 def health_pid(url: str) -> int | None:
@@ -276,28 +230,6 @@ def start_proxy(log_dir: str, workers: int) -> tuple[Server, str]:
     return server, base
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """utime + stime of ``root`` and its descendants (all threads), from /proc."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
-    return total
-
-
 # --------------------------------------------------------------------------- load
 
 MESSAGES = [
@@ -328,27 +260,28 @@ class Target:
 @contextlib.asynccontextmanager
 async def client(target: Target, concurrency: int) -> AsyncIterator[dict[str, RequestFn]]:
     """A session with one keep-alive connection per worker (as bench/http_clients.py)."""
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    session = client_session(concurrency)
     headers = {"content-type": "application/json", "accept-encoding": "identity", **target.headers}
     plain_body = request_body(target.model, stream=False)
     stream_body = request_body(target.model, stream=True)
 
     async def plain() -> bool:
-        async with session.post(target.url, data=plain_body, headers=headers) as response:
-            body = await response.read()
-            return response.status == 200 and body.startswith(b"{")
+        try:
+            async with session.post(target.url, data=plain_body, headers=headers) as response:
+                body = await response.read()
+                return response.status == 200 and body.startswith(b"{")
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def stream() -> bool:
-        async with session.post(target.url, data=stream_body, headers=headers) as response:
-            tail = b""
-            async for chunk in response.content.iter_any():
-                tail = (tail + chunk)[-len(DONE) :]
-            return response.status == 200 and tail == DONE
+        try:
+            async with session.post(target.url, data=stream_body, headers=headers) as response:
+                tail = b""
+                async for chunk in response.content.iter_any():
+                    tail = (tail + chunk)[-len(DONE) :]
+                return response.status == 200 and tail == DONE
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     try:
         yield {"plain": plain, "stream": stream}
@@ -376,34 +309,10 @@ class Run:
         return self.requests / self.wall_s
 
     def percentile_ms(self, pct: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1e3 * ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+        return percentile_ms(self.latencies, pct)
 
     def us_per_request(self, cpu_s: float | None) -> float | None:
         return None if cpu_s is None else 1e6 * cpu_s / self.requests
-
-
-async def drive(request: RequestFn, n: int, concurrency: int) -> tuple[list[float], int, float]:
-    """``n`` requests from ``concurrency`` closed-loop workers: latencies, errors, wall."""
-    todo = iter(range(n))
-    latencies: list[float] = []
-    errors = 0
-
-    async def worker() -> None:
-        nonlocal errors
-        for _ in todo:  # a shared iterator: each worker takes the next request number
-            start = time.perf_counter()
-            try:
-                ok = await request()
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            latencies.append(time.perf_counter() - start)
-            errors += not ok
-
-    gc.collect()
-    wall = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - wall
 
 
 @dataclass
@@ -439,13 +348,13 @@ async def measure(
     async with client(target, concurrency) as requests:
         request = requests[mode]
         warm = max(warmup, 2 * concurrency)
-        _, warm_errors, _ = await drive(request, warm, concurrency)
+        warm_up = await drive(request, warm, concurrency)
         if through_proxy:
             servers.proxy_calls += warm
             await servers.usage_written()
         proxy_cpu = tree_cpu_seconds(servers.proxy.pid)
         upstream_cpu = tree_cpu_seconds(servers.upstream.pid)
-        latencies, errors, wall = await drive(request, n, concurrency)
+        load = await drive(request, n, concurrency)
         if through_proxy:
             servers.proxy_calls += n
             await servers.usage_written()
@@ -455,9 +364,9 @@ async def measure(
         target.name,
         mode,
         concurrency,
-        latencies,
-        errors + warm_errors,
-        wall,
+        load.latencies,
+        warm_up.results.count(False) + load.results.count(False),
+        load.wall_s,
         proxy_cpu if through_proxy else None,
         upstream_cpu,
     )
@@ -694,14 +603,14 @@ def main() -> None:
         print(f"ready in {time.perf_counter() - started:.1f} s; running:", flush=True)
         runs = uvloop.run(run_load(args, targets, Servers(proxy, upstream)))
         for server in reversed(servers):
-            server.stop()
+            server.stop(15)  # uvicorn shuts down; usage is flushed
         print()
         print_runs(runs)
         print_ratios(runs)
         micro(args.iterations)
     finally:
         for server in reversed(servers):
-            server.stop()
+            server.stop(15)  # uvicorn shuts down; usage is flushed
         shutil.rmtree(var_dir, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
 

@@ -45,20 +45,14 @@ Usage: python bench/servers.py [--quick] [--requests 10000] [--seconds 6]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import gc
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +60,18 @@ from pathlib import Path
 import aiohttp
 import uvloop
 from django.http import HttpRequest, JsonResponse
+from loadgen import (
+    Server,
+    client_session,
+    cpu_seconds,
+    drive,
+    free_port,
+    http_status,
+    percentile_ms,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v1/ping"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 sys.path.insert(0, str(ROOT))
 
@@ -198,68 +200,18 @@ def sync_only_middleware() -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_status(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status
-
-
-class Server:
+class PingServer(Server):
     """This file re-run with --serve KIND PORT, its output in a log file."""
 
     def __init__(self, kind: str, log_dir: str) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}{PATH}"
-        self.log_path = Path(log_dir) / f"{kind}.log"
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--serve", kind, str(self.port)],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}{PATH}"
+        args = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, str(port)]
+        super().__init__(kind, args, log_dir)
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def wait_ready(self, deadline_s: float = 30.0) -> None:
-        """Poll GET /v1/ping until it answers 200; raise with the log after the deadline."""
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{self.kind} exited with {self.popen.returncode}:\n{self.log()}"
-                )
-            with contextlib.suppress(OSError):
-                if http_status(self.url) == 200:
-                    return
-            time.sleep(0.05)  # poll interval, not a readiness guess
-        raise RuntimeError(f"{self.kind} not ready after {deadline_s:.0f} s:\n{self.log()}")
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the server process, all its threads, from /proc/<pid>/stat."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+    def answers(self) -> bool:
+        """GET /v1/ping answers 200 (a readiness check for wait_ready)."""
+        return http_status(self.url) == 200
 
 
 # --------------------------------------------------------------------------- load
@@ -271,18 +223,16 @@ RequestFn = Callable[[], Awaitable[bool]]
 @contextlib.asynccontextmanager
 async def client(url: str, concurrency: int) -> AsyncIterator[RequestFn]:
     """A session with one keep-alive connection per worker (as bench/http_clients.py)."""
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    session = client_session(concurrency)
     headers = {"accept": "application/json", "accept-encoding": "identity"}
 
     async def ping() -> bool:
-        async with session.get(url, headers=headers) as response:
-            body = await response.read()
-            return response.status == 200 and len(body) == PING_BYTES
+        try:
+            async with session.get(url, headers=headers) as response:
+                body = await response.read()
+                return response.status == 200 and len(body) == PING_BYTES
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     try:
         yield ping
@@ -312,49 +262,20 @@ class Run:
         return 1e6 * self.server_cpu_s / self.requests
 
     def percentile_ms(self, pct: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1e3 * ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+        return percentile_ms(self.latencies, pct)
 
 
-async def drive(
-    request: RequestFn, n: int, concurrency: int, max_s: float = float("inf")
-) -> tuple[list[float], int, float]:
-    """``n`` requests (fewer if ``max_s`` runs out) from ``concurrency`` closed-loop workers.
-
-    Returns latencies, errors and wall time.
-    """
-    todo = iter(range(n))
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + max_s
-
-    async def worker() -> None:
-        nonlocal errors
-        for _ in todo:  # a shared iterator: each worker takes the next request number
-            start = time.perf_counter()
-            if start > deadline:  # time cap: Django serves far fewer requests per second
-                break
-            try:
-                ok = await request()
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            latencies.append(time.perf_counter() - start)
-            errors += not ok
-
-    gc.collect()
-    wall = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - wall
-
-
-async def measure(server: Server, concurrency: int, args: argparse.Namespace) -> Run:
+async def measure(server: PingServer, concurrency: int, args: argparse.Namespace) -> Run:
+    # args.seconds caps each phase: Django serves an order of magnitude fewer requests
+    # per second than raw.
     async with client(server.url, concurrency) as ping:
         warm = max(args.warmup, 2 * concurrency)
-        _, warm_errors, _ = await drive(ping, warm, concurrency, args.seconds / 2)
-        cpu = server.cpu_seconds()
-        latencies, errors, wall = await drive(ping, args.requests, concurrency, args.seconds)
-        cpu = server.cpu_seconds() - cpu
-    return Run(server.kind, concurrency, latencies, errors + warm_errors, wall, cpu)
+        warm_up = await drive(ping, warm, concurrency, args.seconds / 2)
+        cpu = cpu_seconds(server.pid)
+        load = await drive(ping, args.requests, concurrency, args.seconds)
+        cpu = cpu_seconds(server.pid) - cpu
+    errors = warm_up.results.count(False) + load.results.count(False)
+    return Run(server.name, concurrency, load.latencies, errors, load.wall_s, cpu)
 
 
 # --------------------------------------------------------------------------- report
@@ -400,7 +321,7 @@ def print_header(args: argparse.Namespace, sync_only: list[str]) -> None:
     )
 
 
-async def run_load(args: argparse.Namespace, servers: list[Server]) -> None:
+async def run_load(args: argparse.Namespace, servers: list[PingServer]) -> None:
     print(COLUMNS)
     for concurrency in args.concurrency:
         # Every server back to back at one concurrency, so all see the same machine state.
@@ -441,13 +362,13 @@ def main() -> None:
         return
     started = time.perf_counter()
     var_dir = tempfile.mkdtemp(prefix="stagegate-bench-servers-")
-    servers: list[Server] = []
+    servers: list[PingServer] = []
     try:
         configure(var_dir)
         print_header(args, sync_only_middleware())
-        servers = [Server(kind, var_dir) for kind in KINDS]
+        servers = [PingServer(kind, var_dir) for kind in KINDS]
         for server in servers:
-            server.wait_ready()
+            server.wait_ready(server.answers, 30)
         print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
         uvloop.run(run_load(args, servers))
     finally:
