@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import aiohttp
 import httpx
 import uvloop
-from loadgen import Load, Server, drive, free_port, percentile_ms
+from loadgen import Load, Server, drive, free_port
 
 PATH = "/v1/chat/completions"
 CREATED = 1_700_000_000
@@ -278,22 +278,12 @@ class Result:
     client: str
     mode: str
     concurrency: int
-    requests: int
-    wall_s: float
-    cpu_s: float
-    latencies: list[float]
+    load: Load[tuple[int, int]]  # the timed phase
     chunks: int
 
     @property
-    def rps(self) -> float:
-        return self.requests / self.wall_s
-
-    @property
     def cpu_us(self) -> float:
-        return 1e6 * self.cpu_s / self.requests
-
-    def percentile_ms(self, pct: float) -> float:
-        return percentile_ms(self.latencies, pct)
+        return 1e6 * self.load.cpu_s / self.load.requests
 
 
 def checked_chunks(load: Load[tuple[int, int]], expected: int) -> int:
@@ -311,7 +301,7 @@ async def measure(client: str, url: str, mode: str, concurrency: int, n: int, wa
         checked_chunks(warm, expected)
         load = await drive(request, n, concurrency)
     chunks = checked_chunks(load, expected)
-    return Result(client, mode, concurrency, n, load.wall_s, load.cpu_s, load.latencies, chunks)
+    return Result(client, mode, concurrency, load, chunks)
 
 
 # --------------------------------------------------------------------------- report
@@ -323,11 +313,12 @@ COLUMNS = (
 
 
 def row(result: Result, baseline: Result) -> str:
+    load = result.load
     return (
-        f"{result.client:<9}{result.mode:<8}{result.concurrency:>5}{result.rps:>9,.0f}"
-        f"{result.percentile_ms(50):>9.2f}{result.percentile_ms(99):>9.2f}"
-        f"{result.rps / baseline.rps:>7.2f}{result.cpu_us:>8.0f}"
-        f"{result.cpu_us / baseline.cpu_us:>7.2f}{result.chunks / result.requests:>8.1f}"
+        f"{result.client:<9}{result.mode:<8}{result.concurrency:>5}{load.rps:>9,.0f}"
+        f"{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}"
+        f"{load.rps / baseline.load.rps:>7.2f}{result.cpu_us:>8.0f}"
+        f"{result.cpu_us / baseline.cpu_us:>7.2f}{result.chunks / load.requests:>8.1f}"
     )
 
 

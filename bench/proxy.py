@@ -75,12 +75,12 @@ import orjson
 import uvloop
 import yaml
 from loadgen import (
+    Load,
     Server,
     client_session,
     drive,
     free_port,
     http_status,
-    percentile_ms,
     tree_cpu_seconds,
 )
 
@@ -294,25 +294,13 @@ class Run:
     target: str
     mode: str
     concurrency: int
-    latencies: list[float]
-    errors: int
-    wall_s: float
+    load: Load[bool]  # the timed phase
+    errors: int  # warm-up included
     proxy_cpu_s: float | None
     upstream_cpu_s: float
 
-    @property
-    def requests(self) -> int:
-        return len(self.latencies)
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.wall_s
-
-    def percentile_ms(self, pct: float) -> float:
-        return percentile_ms(self.latencies, pct)
-
     def us_per_request(self, cpu_s: float | None) -> float | None:
-        return None if cpu_s is None else 1e6 * cpu_s / self.requests
+        return None if cpu_s is None else 1e6 * cpu_s / self.load.requests
 
 
 @dataclass
@@ -364,9 +352,8 @@ async def measure(
         target.name,
         mode,
         concurrency,
-        load.latencies,
+        load,
         warm_up.results.count(False) + load.results.count(False),
-        load.wall_s,
         proxy_cpu if through_proxy else None,
         upstream_cpu,
     )
@@ -385,9 +372,10 @@ def print_runs(runs: list[Run]) -> None:
         f"{'p50 ms':>9}{'p99 ms':>9}{'proxy us/req':>14}{'upst us/req':>13}"
     )
     for run in runs:
+        load = run.load
         print(
-            f"{run.target:<10}{run.mode:<8}{run.concurrency:>5}{run.requests:>9}{run.errors:>7}"
-            f"{run.rps:>9,.0f}{run.percentile_ms(50):>9.2f}{run.percentile_ms(99):>9.2f}"
+            f"{run.target:<10}{run.mode:<8}{run.concurrency:>5}{load.requests:>9}{run.errors:>7}"
+            f"{load.rps:>9,.0f}{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}"
             f"{cell(run.us_per_request(run.proxy_cpu_s), 14, ',.0f')}"
             f"{cell(run.us_per_request(run.upstream_cpu_s), 13, ',.0f')}"
         )
@@ -403,11 +391,11 @@ def print_ratios(runs: list[Run]) -> None:
     for run in runs:
         if run.target != "stagegate":
             continue
-        direct = by_key[("direct", run.mode, run.concurrency)]
+        load, direct = run.load, by_key[("direct", run.mode, run.concurrency)].load
         print(
-            f"{run.mode:<8}{run.concurrency:>5}{run.rps / direct.rps:>12.2f}"
-            f"{run.percentile_ms(50) - direct.percentile_ms(50):>9.2f}"
-            f"{run.percentile_ms(99) - direct.percentile_ms(99):>9.2f}"
+            f"{run.mode:<8}{run.concurrency:>5}{load.rps / direct.rps:>12.2f}"
+            f"{load.percentile_ms(50) - direct.percentile_ms(50):>9.2f}"
+            f"{load.percentile_ms(99) - direct.percentile_ms(99):>9.2f}"
             f"{cell(run.us_per_request(run.proxy_cpu_s), 14, ',.0f')}"
         )
 
@@ -421,10 +409,8 @@ async def run_load(args: argparse.Namespace, targets: list[Target], servers: Ser
             for target in targets:
                 run = await measure(target, mode, concurrency, n, args.warmup, servers)
                 runs.append(run)
-                print(
-                    f"  {run.target:<10}{run.mode:<8}c={run.concurrency:<4}{run.rps:>9,.0f} req/s",
-                    flush=True,
-                )
+                progress = f"  {run.target:<10}{run.mode:<8}c={run.concurrency:<4}"
+                print(f"{progress}{run.load.rps:>9,.0f} req/s", flush=True)
     return runs
 
 

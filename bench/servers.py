@@ -61,13 +61,13 @@ import aiohttp
 import uvloop
 from django.http import HttpRequest, JsonResponse
 from loadgen import (
+    Load,
     Server,
     client_session,
     cpu_seconds,
     drive,
     free_port,
     http_status,
-    percentile_ms,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,25 +244,13 @@ async def client(url: str, concurrency: int) -> AsyncIterator[RequestFn]:
 class Run:
     kind: str
     concurrency: int
-    latencies: list[float]
-    errors: int
-    wall_s: float
+    load: Load[bool]  # the timed phase
+    errors: int  # warm-up included
     server_cpu_s: float
 
     @property
-    def requests(self) -> int:
-        return len(self.latencies)
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.wall_s
-
-    @property
     def server_us(self) -> float:
-        return 1e6 * self.server_cpu_s / self.requests
-
-    def percentile_ms(self, pct: float) -> float:
-        return percentile_ms(self.latencies, pct)
+        return 1e6 * self.server_cpu_s / self.load.requests
 
 
 async def measure(server: PingServer, concurrency: int, args: argparse.Namespace) -> Run:
@@ -275,7 +263,7 @@ async def measure(server: PingServer, concurrency: int, args: argparse.Namespace
         load = await drive(ping, args.requests, concurrency, args.seconds)
         cpu = cpu_seconds(server.pid) - cpu
     errors = warm_up.results.count(False) + load.results.count(False)
-    return Run(server.name, concurrency, load.latencies, errors, load.wall_s, cpu)
+    return Run(server.name, concurrency, load, errors, cpu)
 
 
 # --------------------------------------------------------------------------- report
@@ -287,10 +275,11 @@ COLUMNS = (
 
 
 def row(run: Run, baseline: Run) -> str:
+    load = run.load
     return (
-        f"{run.kind:<14}{run.concurrency:>5}{run.requests:>9}{run.errors:>7}{run.rps:>9,.0f}"
-        f"{run.percentile_ms(50):>9.2f}{run.percentile_ms(99):>9.2f}{run.server_us:>12,.0f}"
-        f"{run.rps / baseline.rps:>7.2f}{run.server_us / baseline.server_us:>11.2f}"
+        f"{run.kind:<14}{run.concurrency:>5}{load.requests:>9}{run.errors:>7}{load.rps:>9,.0f}"
+        f"{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}{run.server_us:>12,.0f}"
+        f"{load.rps / baseline.load.rps:>7.2f}{run.server_us / baseline.server_us:>11.2f}"
     )
 
 
