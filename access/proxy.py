@@ -575,7 +575,7 @@ class Proxy:
                 usage = await self._relay_stream(
                     receive, send, call, release, suffix, forwarded, headers, hide_usage
                 )
-                if not usage.reported:  # the stream was cut: estimate what was served
+                if call.status == 200 and not usage.reported:  # cut: estimate the prompt
                     usage.prompt_tokens = len(body) // 4
             else:
                 usage = await self._relay(send, call, release, suffix, forwarded, headers)
@@ -583,10 +583,12 @@ class Proxy:
             call.prompt_tokens = usage.prompt_tokens
             call.completion_tokens = usage.completion_tokens
             call.flagged = usage.flagged
-            if usage.reported or call.streamed:
+            if call.status != 200:  # refused or failed upstream: nothing was served
+                used = 0
+            elif usage.reported or call.streamed:
                 used = usage.prompt_tokens + usage.completion_tokens
-            else:  # an answer without usage counts as reserved; a failed call as nothing
-                used = reserve if call.status == 200 else 0
+            else:  # an answer without usage counts as reserved
+                used = reserve
             try:
                 await self.limiter.settle(limited.reservation, used)
             except Exception as exc:  # the reservation stands; it expires with its window

@@ -302,6 +302,25 @@ def test_rate_limit_holds_under_concurrent_callers(cast):
     assert sorted(outcomes) == ["limited"] * 15 + ["ok"] * 5
 
 
+def test_token_reservations_settle_to_the_real_usage(cast):
+    if time.time() % 60 > 55:  # both calls inside one fixed minute window
+        time.sleep(61 - time.time() % 60)
+    body = b'{"model": "atlas-2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}'
+    headers = {
+        "Authorization": f"Bearer {cast.keys['northwind-research']}",
+        "Content-Type": "application/json",
+    }
+    url = f"{cast.server.url}/v1/chat/completions"
+    reserved = len(body) // 4 + 8  # the prompt estimate plus max_tokens
+    first = httpx.post(url, content=body, headers=headers)
+    second = httpx.post(url, content=body, headers=headers)
+    used = first.json()["usage"]["total_tokens"]
+    assert used < reserved
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 100_000 - reserved
+    # The first call was settled to what it used before the second reserved.
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100_000 - used - reserved
+
+
 # --- failures -------------------------------------------------------------------------------
 
 
