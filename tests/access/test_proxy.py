@@ -341,18 +341,29 @@ def test_broken_upstream_gives_502_or_504_and_is_recorded(cast):
         cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
     assert (failed.value.status_code, failed.value.code) == (502, "upstream_unreachable")
 
+    cast.apply(model="demo-stream-cut")  # the upstream ends the stream early
+    cut = httpx.post(
+        f"{cast.server.url}/v1/chat/completions",
+        json={"model": "atlas-2", "messages": HELLO, "stream": True},
+        headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
+    )
+    assert cut.status_code == 200  # the status was sent before the stream broke
+    assert "[DONE]" not in cut.text
+
     cast.apply(model="demo-hang")  # the test server's read timeout is 2 s
     with pytest.raises(openai.InternalServerError) as failed:
         cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
     assert (failed.value.status_code, failed.value.code) == (504, "upstream_timeout")
 
-    events = usage_events(4, endpoint="chat.completions")
+    events = usage_events(5, endpoint="chat.completions")
     assert [(e.status, e.error, e.decision) for e in events] == [
         (502, "upstream_error", "allow"),
         (502, "upstream_error", "allow"),
         (502, "upstream_unreachable", "allow"),
+        (200, "upstream_incomplete", "allow"),
         (504, "upstream_timeout", "allow"),
     ]
+    assert events[3].completion_tokens == 2  # the two words sent before the cut
 
 
 def test_client_leaving_mid_stream_is_recorded_with_the_tokens_sent(cast):
