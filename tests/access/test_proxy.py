@@ -72,9 +72,10 @@ class Cast:
     upstream: DemoUpstream
     keys: dict[str, str]
 
-    def client(self, org: str = "northwind-research", **kwargs) -> openai.OpenAI:
+    def client(self, org: str = "northwind-research", server: ProxyServer | None = None):
+        """The official client for ``org``'s key, on this module's server or ``server``."""
         return openai.OpenAI(
-            base_url=f"{self.server.url}/v1", api_key=self.keys[org], max_retries=0, **kwargs
+            base_url=f"{(server or self.server).url}/v1", api_key=self.keys[org], max_retries=0
         )
 
     def apply(self, **kwargs) -> None:
@@ -397,9 +398,7 @@ def test_unreachable_policy_store_fails_closed(cast):
         env = {"STAGEGATE_SQLITE_PATH": "/nonexistent/dir/stagegate.sqlite3"}
     server = ProxyServer(env=env, ready_status=503)
     try:
-        client = openai.OpenAI(
-            base_url=f"{server.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
-        )
+        client = cast.client(server=server)
         with pytest.raises(openai.InternalServerError) as refused:
             client.chat.completions.create(model="atlas-2", messages=HELLO)
         assert (refused.value.status_code, refused.value.code) == (503, "policy_store_unavailable")
@@ -421,9 +420,7 @@ def test_dead_redis_in_production_mode_refuses_rather_than_admits(cast):
         }
     )
     try:
-        client = openai.OpenAI(
-            base_url=f"{server.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
-        )
+        client = cast.client(server=server)
         with pytest.raises(openai.InternalServerError) as refused:
             client.chat.completions.create(model="atlas-2", messages=HELLO)
         assert (refused.value.status_code, refused.value.code) == (503, "limits_unavailable")
@@ -439,9 +436,7 @@ def test_dead_redis_in_production_mode_refuses_rather_than_admits(cast):
 def test_usage_events_lost_on_a_crash_are_bounded_and_none_on_shutdown(cast):
     env = {"STAGEGATE_USAGE_FLUSH_SECONDS": "3600", "STAGEGATE_USAGE_BATCH_SIZE": "10"}
     crashing = ProxyServer(env=env)
-    client = openai.OpenAI(
-        base_url=f"{crashing.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
-    )
+    client = cast.client(server=crashing)
     for _ in range(25):
         client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
     pending = crashing.health()["usage_pending"]
@@ -455,9 +450,7 @@ def test_usage_events_lost_on_a_crash_are_bounded_and_none_on_shutdown(cast):
     assert len(usage_events(0)) == written == 25 - pending
 
     graceful = ProxyServer(env=env)
-    client = openai.OpenAI(
-        base_url=f"{graceful.url}/v1", api_key=cast.keys["northwind-research"], max_retries=0
-    )
+    client = cast.client(server=graceful)
     for _ in range(5):
         client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
     assert graceful.health()["usage_pending"] == 5
