@@ -430,6 +430,21 @@ class Proxy:
                 " without limits. Try again shortly.",
             ) from None
 
+    def _over_limit(self, call: Call, limited: LimitResult) -> Decision:
+        """The refusal for a request a limit stopped, naming the limit (and counted)."""
+        decision = call.decision
+        name = limited.limit_name
+        metrics.RATE_LIMITED.labels(call.model, decision.tier, name).inc()
+        return Decision(
+            Reason(limited.reason),
+            f"{name} limit of {getattr(decision.limits, name)} reached for your organization"
+            f" on '{call.model}' (tier {decision.tier}, stage '{decision.stage}');"
+            f" retry after {limited.retry_after} s.",
+            tier=decision.tier,
+            stage=decision.stage,
+            limits=decision.limits,
+        )
+
     # --- model calls ------------------------------------------------------------------------
 
     async def _model_call(self, scope, receive, send, endpoint: str, suffix: str) -> None:
@@ -529,22 +544,7 @@ class Proxy:
             return
         limited = await self._limit(call, release, reserve)
         if not limited.allowed:
-            metrics.RATE_LIMITED.labels(release.name, decision.tier, limited.limit_name).inc()
-            await self._refuse(
-                send,
-                call,
-                Decision(
-                    Reason(limited.reason),
-                    f"{limited.limit_name} limit of"
-                    f" {getattr(limits, limited.limit_name)} reached for your organization"
-                    f" on '{model}' (tier {decision.tier}, stage '{decision.stage}');"
-                    f" retry after {limited.retry_after} s.",
-                    tier=decision.tier,
-                    stage=decision.stage,
-                    limits=limits,
-                ),
-                limited.headers(),
-            )
+            await self._refuse(send, call, self._over_limit(call, limited), limited.headers())
             return
 
         # Forward: the model name is the one change every request needs; streams also
@@ -863,16 +863,7 @@ class Proxy:
                 limited = await self._limit(call, release, 0)
                 extra = limited.headers()
                 if not limited.allowed:
-                    metrics.RATE_LIMITED.labels(
-                        release.name, decision.tier, limited.limit_name
-                    ).inc()
-                    decision = call.decision = Decision(
-                        Reason(limited.reason),
-                        f"{limited.limit_name} reached; retry after {limited.retry_after} s.",
-                        tier=decision.tier,
-                        stage=decision.stage,
-                        limits=decision.limits,
-                    )
+                    decision = call.decision = self._over_limit(call, limited)
             reason = decision.public_reason
             status = decision.status if decision.status in (200, 401, 429) else 403
             call.status = status
