@@ -484,13 +484,11 @@ class Proxy:
 
     async def _model_call_inner(self, scope, receive, send, call: Call, suffix: str) -> None:
         body = await self._read_body(receive)
-        snapshot = self._snapshot()
-        key = call.key = self._key(scope, snapshot)
-        now = time.time()
-        refused = key_refusal(key, now)
-        if refused is not None:  # before looking at the body: a stranger learns nothing
-            await self._refuse(send, call, refused)
+        found = await self._authenticated(scope, send, call)
+        if found is None:  # refused before looking at the body: a stranger learns nothing
             return
+        snapshot, key = found
+        now = time.time()
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -507,11 +505,10 @@ class Proxy:
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
             raise HTTPError(400, "invalid_request", "max_tokens must be a positive integer.")
-        org = call.org = snapshot.orgs.get(key.org_id)
         release = snapshot.releases.get(model)
         decision = decide(
             key=key,
-            org=org,
+            org=call.org,
             release=release,
             model=model,
             request=RequestInfo(call.endpoint, stream=stream, max_tokens=max_tokens),
