@@ -218,12 +218,18 @@ def touch_last_used(api_key: ApiKey, *, now: datetime, interval_seconds: int) ->
     """Write last_used_at at most once per interval; True if it wrote."""
     if api_key.last_used_at and now - api_key.last_used_at < timedelta(seconds=interval_seconds):
         return False
+    updated = touch_keys_last_used([api_key.key_id], now=now, interval_seconds=interval_seconds)
+    api_key.last_used_at = now
+    return bool(updated)
+
+
+def touch_keys_last_used(key_ids, *, now: datetime, interval_seconds: int) -> int:
+    """Set last_used_at on the keys with these ids, skipping any written within the
+    interval; the number written. (The proxy batches the keys it saw.)"""
     cutoff = now - timedelta(seconds=interval_seconds)
     # Conditional UPDATE: concurrent workers cannot both write within the interval.
-    updated = (
-        ApiKey.objects.filter(pk=api_key.pk)
+    return (
+        ApiKey.objects.filter(key_id__in=key_ids)
         .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=cutoff))
         .update(last_used_at=now)
     )
-    api_key.last_used_at = now
-    return bool(updated)

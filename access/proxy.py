@@ -610,11 +610,7 @@ class Proxy:
         if status >= 500:
             self._upstream_failed(
                 call,
-                UpstreamFailure(
-                    "upstream_error",
-                    502,
-                    f"The model server answered {status}; nothing was served.",
-                ),
+                UpstreamFailure.bad_status(status),
             )
         if status == 200:
             try:
@@ -670,11 +666,7 @@ class Proxy:
                     if response.status >= 500:
                         self._upstream_failed(
                             call,
-                            UpstreamFailure(
-                                "upstream_error",
-                                502,
-                                f"The model server answered {response.status}; nothing was served.",
-                            ),
+                            UpstreamFailure.bad_status(response.status),
                         )
                     call.status = response.status
                     await self._respond(send, response.status, payload, headers)

@@ -30,6 +30,12 @@ class UpstreamFailure(Exception):
         self.status = status  # what the client gets: 502 or 504
         self.message = message
 
+    @classmethod
+    def bad_status(cls, status: int) -> UpstreamFailure:
+        return cls(
+            "upstream_error", 502, f"The model server answered {status}; nothing was served."
+        )
+
 
 def make_session(*, connect_timeout: float, read_timeout: float, max_connections: int):
     """The worker's one client session (call inside the event loop)."""

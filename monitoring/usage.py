@@ -21,13 +21,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from django.db import close_old_connections, connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from access.models import ApiKey
+from access.keys import touch_keys_last_used
 from monitoring.models import UsageEvent
 
 log = logging.getLogger(__name__)
@@ -184,10 +183,7 @@ class UsageRecorder:
         used, self._used = self._used, set()
         now = timezone.now()
         try:
-            ApiKey.objects.filter(key_id__in=used).filter(
-                Q(last_used_at__isnull=True)
-                | Q(last_used_at__lt=now - timedelta(seconds=self.last_used_interval))
-            ).update(last_used_at=now)
+            touch_keys_last_used(used, now=now, interval_seconds=self.last_used_interval)
         except Exception as exc:  # last_used is a convenience; never worth an outage
             log.warning("could not write last_used_at: %s", exc)
 
