@@ -122,9 +122,20 @@ def proxy_server(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture
-def live_db(transactional_db):
-    """Committed data a server process can read; emptied after the test."""
-    from tests.live import flushable_audit_table
+def _audit_triggers_back(django_db_blocker):
+    """Set up before ``transactional_db``, so torn down after its flush: the audit
+    triggers ``live_db`` drops for the flush are back for the tests that follow."""
+    yield
+    from tests.live import restore_audit_triggers
 
-    with flushable_audit_table():
-        yield
+    with django_db_blocker.unblock():
+        restore_audit_triggers()
+
+
+@pytest.fixture
+def live_db(_audit_triggers_back, transactional_db):
+    """Committed data a server process can read; emptied after the test."""
+    from tests.live import drop_audit_triggers
+
+    yield
+    drop_audit_triggers()

@@ -8,7 +8,6 @@ the SQLite test file), so tests use ``live_db`` (committed data) and
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import signal
@@ -181,17 +180,18 @@ def _sqlite_audit_triggers():
     return migration.SQLITE_FORWARD
 
 
-@contextlib.contextmanager
-def flushable_audit_table():
-    """SQLite empties tables with DELETE, which the audit table's triggers refuse:
-    between live tests the triggers are dropped for the flush and put back after.
-    (PostgreSQL empties tables with TRUNCATE, which row triggers do not see.)"""
-    if connection.vendor == "sqlite":
-        with connection.cursor() as cursor:
-            for statement in _sqlite_audit_triggers():
-                cursor.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS"))
-    yield
+def drop_audit_triggers() -> None:
+    """SQLite empties tables with DELETE, which the audit table's triggers refuse, so
+    they are dropped for the flush after a live test. (PostgreSQL empties tables with
+    TRUNCATE, which row triggers do not see.)"""
     if connection.vendor == "sqlite":
         with connection.cursor() as cursor:
             cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_update")
             cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_delete")
+
+
+def restore_audit_triggers() -> None:
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            for statement in _sqlite_audit_triggers():
+                cursor.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS"))
