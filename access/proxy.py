@@ -483,11 +483,11 @@ class Proxy:
                 return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     async def _model_call_inner(self, scope, receive, send, call: Call, suffix: str) -> None:
-        body = await self._read_body(receive)
         found = await self._authenticated(scope, send, call)
-        if found is None:  # refused before looking at the body: a stranger learns nothing
+        if found is None:  # refused before reading the body: a stranger costs nothing
             return
         snapshot, key = found
+        body = await self._read_body(receive)
         now = time.time()
         try:
             document = orjson.loads(body)

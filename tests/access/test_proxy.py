@@ -508,6 +508,31 @@ def test_bad_keys_get_authentication_errors(cast):
     assert response.json()["error"]["code"] == "invalid_key"
 
 
+def test_bad_requests_get_clear_errors_and_are_recorded(cast):
+    url = f"{cast.server.url}/v1/chat/completions"
+    headers = {"x-api-key": cast.keys["northwind-research"]}
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (b'{"messages": []}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "max_tokens": "lots"}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "max_tokens": 0}', 400, "invalid_request"),
+        (
+            b'{"model": "atlas-2", "x": "' + b"a" * (5 * 1024 * 1024) + b'"}',
+            413,
+            "request_too_large",
+        ),
+    ]
+    for body, status, code in cases:
+        response = httpx.post(url, content=body, headers=headers)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    assert httpx.get(url, headers=headers).status_code == 405
+    events = usage_events(len(cases), endpoint="chat.completions")
+    assert [(e.status, e.reason, e.decision) for e in events] == [
+        (status, code, "deny") for _, status, code in cases
+    ]
+
+
 def test_metrics_need_the_token_and_count_decisions(cast):
     cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
     assert httpx.get(f"{cast.server.url}/metrics").status_code == 401
