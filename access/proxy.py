@@ -505,6 +505,9 @@ class Proxy:
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
             raise HTTPError(400, "invalid_request", "max_tokens must be a positive integer.")
+        choices = document.get("n", 1)
+        if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= 128:
+            raise HTTPError(400, "invalid_request", "n must be an integer from 1 to 128.")
         release = snapshot.releases.get(model)
         decision = decide(
             key=key,
@@ -520,9 +523,12 @@ class Proxy:
             return
         self._touch(key)
 
-        # Reserve the prompt estimate (about 4 bytes a token) plus the completion cap.
+        # Reserve the prompt estimate (about 4 bytes a token) plus the completion cap, for
+        # each of the n choices asked for.
         limits = decision.limits
-        completion_cap = 0 if call.endpoint == "embeddings" else (max_tokens or limits.max_tokens)
+        completion_cap = (
+            0 if call.endpoint == "embeddings" else (max_tokens or limits.max_tokens) * choices
+        )
         reserve = len(body) // 4 + completion_cap
         if reserve > limits.tokens_per_minute:
             await self._refuse(

@@ -517,6 +517,9 @@ def test_bad_requests_get_clear_errors_and_are_recorded(cast):
         (b'{"messages": []}', 400, "invalid_request"),
         (b'{"model": "atlas-2", "messages": [], "max_tokens": "lots"}', 400, "invalid_request"),
         (b'{"model": "atlas-2", "messages": [], "max_tokens": 0}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "n": 0}', 400, "invalid_request"),
+        # 30 choices of 4,096 tokens can never fit research_partner's 100,000 a minute
+        (b'{"model": "atlas-2", "messages": [], "n": 30}', 400, "request_too_large"),
         (
             b'{"model": "atlas-2", "x": "' + b"a" * (5 * 1024 * 1024) + b'"}',
             413,
