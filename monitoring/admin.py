@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from monitoring.admin_base import ReadOnlyAdmin
-from monitoring.models import AuditEvent, UsageEvent
+from monitoring.models import AuditEvent, RollupCursor, UsageEvent, UsageRollup
 
 
 @admin.register(AuditEvent)
@@ -22,3 +22,32 @@ class UsageEventAdmin(ReadOnlyAdmin):
     list_filter = ("release", "stage", "tier", "decision", "reason")
     search_fields = ("org", "key", "request_id")
     date_hierarchy = "created_at"
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(ReadOnlyAdmin):
+    """Minute and hour totals of the usage events, rebuilt by the rollup task."""
+
+    list_display = (
+        "bucket_start",
+        "bucket_seconds",
+        "release",
+        "stage",
+        "tier",
+        "org",
+        "requests",
+        "allowed",
+        "errors",
+        "flagged",
+    )
+    list_filter = ("bucket_seconds", "release", "stage", "tier")
+    search_fields = ("org",)
+    readonly_fields = [f.name for f in UsageRollup._meta.fields]
+
+
+@admin.register(RollupCursor)
+class RollupCursorAdmin(ReadOnlyAdmin):
+    """How far the rollups have got (their freshness)."""
+
+    list_display = ("name", "last_event_id", "rolled_up_to", "updated_at")
+    readonly_fields = [f.name for f in RollupCursor._meta.fields]

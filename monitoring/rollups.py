@@ -1,0 +1,439 @@
+"""Usage rollups: stage reviews and tripwires read small aggregates, never raw events.
+
+``UsageRollup`` holds one row per (bucket, release, stage, tier, org) for minute and
+hour buckets. Minute rows are computed from ``UsageEvent`` rows, hour rows from minute
+rows. Every write is a *replacing* upsert (``INSERT ... SELECT ... GROUP BY ... ON
+CONFLICT DO UPDATE SET col = EXCLUDED.col``): a bucket is recomputed from the truth
+and overwritten, never incremented, so running a rollup twice, or re-running one a
+crash interrupted, gives the same rows. The bucketing SELECT is built with the ORM
+(``TruncMinute``, ``Count``/``Sum`` with ``filter=``), so the same code runs on
+PostgreSQL and SQLite (3.24+ for upsert).
+
+``rollup_pending`` is the periodic job (run it every minute). It follows a cursor over
+event ids, so events written late, e.g. buffered while the database was down, are
+found by their id whatever their ``created_at``. Ids do not arrive in commit order,
+though: a writer's COPY can commit after a later id's, below a cursor that has
+already passed it. Such a batch was recorded within seconds of its commit, so every
+run also recomputes the trailing ``lateness`` window before now, which catches it
+provided the job runs more often than ``lateness``.
+
+Reads: ``stage_totals`` (a review's period: hour rows for the whole hours, minute
+rows at both edges) and ``window_totals`` (a tripwire's last minutes). Both count
+events in whole minutes: bounds are rounded down to the minute. ``raw_totals``
+computes the same figures from the raw events, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+from django.db.models import (
+    Count,
+    DateTimeField,
+    Exists,
+    ExpressionWrapper,
+    F,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Sum,
+)
+from django.db.models.functions import TruncHour, TruncMinute
+from django.utils import timezone
+
+from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+CURSOR_NAME = "usage"
+
+# Taken per chunk transaction on PostgreSQL so that two workers never roll up at once:
+# b"sgrollup" read as a (positive) 64-bit integer.
+ADVISORY_LOCK_KEY = int.from_bytes(b"sgrollup", "big")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_GROUP = ("release", "stage", "tier", "org")
+_COUNTERS = (
+    "requests",
+    "allowed",
+    "denied",
+    "errors",
+    "flagged",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_sum",
+)
+_TOTALS = _COUNTERS[:-1]  # a review needs no latency
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Usage of one release and stage over [since, until), in whole minutes.
+
+    ``errors`` and ``flagged`` count allowed requests only (a denied request reached no
+    model); ``denied`` counts every request not allowed. ``orgs_by_tier`` maps each
+    tier to the organizations with at least one allowed request in the period (blank
+    org ids left out). ``rolled_up_to`` is the rollups' freshness when the totals were
+    read (None for raw totals, or before any rollup); it is not part of the value, so
+    totals from rollups and from raw events compare equal when they count the same.
+    """
+
+    since: datetime
+    until: datetime
+    requests: int = 0
+    allowed: int = 0
+    denied: int = 0
+    errors: int = 0
+    flagged: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    orgs_by_tier: dict[str, frozenset[str]] = field(default_factory=dict)
+    rolled_up_to: datetime | None = field(default=None, compare=False)
+
+    @property
+    def distinct_orgs(self) -> int:
+        """Organizations with an allowed request in the period, in any tier."""
+        return len(frozenset().union(*self.orgs_by_tier.values()))
+
+
+@dataclass(frozen=True)
+class RollupReport:
+    """What one ``rollup_pending`` run did. ``skipped``: it stopped (possibly before its
+    first chunk) because another run held the lock or had moved the cursor."""
+
+    events_seen: int
+    buckets_written: int
+    chunks: int
+    rolled_up_to: datetime | None
+    skipped: bool = False
+
+
+# --- Time arithmetic, all in UTC ----------------------------------------------------------
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: rollups need aware datetimes")
+    return moment.astimezone(UTC)
+
+
+def _floor(moment: datetime, step: timedelta) -> datetime:
+    moment = _utc(moment)
+    return moment - (moment - _EPOCH) % step
+
+
+def _ceil(moment: datetime, step: timedelta) -> datetime:
+    floor = _floor(moment, step)
+    return floor if floor == moment else floor + step
+
+
+# --- Writing rollups ---------------------------------------------------------------------
+
+
+def _event_counts() -> dict[str, Any]:
+    """The counting rules, as aggregates over ``UsageEvent`` rows."""
+    allowed = Q(decision="allow")
+    return {
+        "n_requests": Count("id"),
+        "n_allowed": Count("id", filter=allowed),
+        "n_denied": Count("id", filter=~allowed),
+        "n_errors": Count("id", filter=allowed & ~Q(error="")),
+        "n_flagged": Count("id", filter=allowed & Q(flagged=True)),
+        "n_prompt_tokens": Sum("prompt_tokens", filter=allowed, default=0),
+        "n_completion_tokens": Sum("completion_tokens", filter=allowed, default=0),
+        "n_latency_ms_sum": Sum("latency_ms", filter=allowed, default=0.0),
+    }
+
+
+def _rollup_sums(names: tuple[str, ...] = _COUNTERS) -> dict[str, Any]:
+    """The same figures summed over ``UsageRollup`` rows (``n_`` names: an annotation may
+    not share a model field's name)."""
+    return {f"n_{name}": Sum(name) for name in names}
+
+
+def _group_columns() -> dict[str, F]:
+    return {f"k_{name}": F(name) for name in _GROUP}
+
+
+def _upsert(buckets: QuerySet, bucket_seconds: int) -> int:
+    """Write the rows of ``buckets`` (columns k_bucket, k_<group>, n_<counter>) as
+    ``bucket_seconds`` rollup rows, replacing the counters of rows that exist.
+    Returns the number of rows written."""
+    select, params = buckets.query.sql_with_params()
+    quote = connection.ops.quote_name
+    key = ["bucket_seconds", "bucket_start", *_GROUP]
+    outer = [str(int(bucket_seconds)), "s.k_bucket", *(f"s.k_{name}" for name in _GROUP)]
+    outer += [f"s.n_{name}" for name in _COUNTERS]
+    updates = ", ".join(f"{quote(name)} = EXCLUDED.{quote(name)}" for name in _COUNTERS)
+    # Columns are taken from the subquery by alias, so the order in which the ORM
+    # emits them does not matter. "WHERE 1 = 1": SQLite cannot otherwise tell the
+    # upsert's ON CONFLICT from a join's ON after INSERT ... SELECT.
+    sql = (
+        f"INSERT INTO {quote(UsageRollup._meta.db_table)}"  # noqa: S608 (names are ours)
+        f" ({', '.join(quote(name) for name in (*key, *_COUNTERS))})"
+        f" SELECT {', '.join(outer)} FROM ({select}) s WHERE 1 = 1"
+        f" ON CONFLICT ({', '.join(quote(name) for name in key)}) DO UPDATE SET {updates}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return max(cursor.rowcount, 0)
+
+
+def _plus(reference: str, step: timedelta) -> ExpressionWrapper:
+    return ExpressionWrapper(OuterRef(reference) + step, output_field=DateTimeField())
+
+
+def rollup_window(start: datetime, end: datetime) -> int:
+    """Recompute the minute buckets in [start, end) (start rounded down, end up, to the
+    minute) from the events, then the hour buckets touching them from the minute rows,
+    in one transaction. Rows are replaced, never added to, and rows of the range whose
+    events are gone are deleted: running it twice gives identical rows.
+
+    Takes no lock: the periodic job is ``rollup_pending``, which serialises runs.
+    Returns the number of rollup rows written (minute and hour).
+    """
+    first_minute, end_minute = _floor(start, MINUTE), _ceil(end, MINUTE)
+    if end_minute <= first_minute:
+        return 0
+    first_hour, end_hour = _floor(first_minute, HOUR), _ceil(end_minute, HOUR)
+    written = 0
+    with transaction.atomic():
+        minutes = UsageRollup.objects.filter(
+            bucket_seconds=UsageRollup.MINUTE,
+            bucket_start__gte=first_minute,
+            bucket_start__lt=end_minute,
+        )
+        # The constant range bounds the subquery to the window's events whatever plan
+        # is chosen (without it, PostgreSQL may hash the whole table for an anti-join).
+        events = UsageEvent.objects.filter(
+            created_at__gte=first_minute, created_at__lt=end_minute
+        ).order_by()
+        events_in_bucket = events.filter(
+            **{name: OuterRef(name) for name in _GROUP},
+            created_at__gte=OuterRef("bucket_start"),
+            created_at__lt=_plus("bucket_start", MINUTE),
+        )
+        minutes.filter(~Exists(events_in_bucket)).delete()
+        buckets = events.values(
+            k_bucket=TruncMinute("created_at", tzinfo=UTC), **_group_columns()
+        ).annotate(**_event_counts())
+        written += _upsert(buckets, UsageRollup.MINUTE)
+
+        # Hours are recomputed whole from their minute rows, including minutes outside
+        # [start, end) that earlier runs wrote, so an hour row is always the sum of its
+        # minutes.
+        hours = UsageRollup.objects.filter(
+            bucket_seconds=UsageRollup.HOUR, bucket_start__gte=first_hour, bucket_start__lt=end_hour
+        )
+        minute_rows = UsageRollup.objects.filter(
+            bucket_seconds=UsageRollup.MINUTE,
+            bucket_start__gte=first_hour,
+            bucket_start__lt=end_hour,
+        ).order_by()
+        minutes_in_bucket = minute_rows.filter(
+            **{name: OuterRef(name) for name in _GROUP},
+            bucket_start__gte=OuterRef("bucket_start"),
+            bucket_start__lt=_plus("bucket_start", HOUR),
+        )
+        hours.filter(~Exists(minutes_in_bucket)).delete()
+        hour_buckets = minute_rows.values(
+            k_bucket=TruncHour("bucket_start", tzinfo=UTC), **_group_columns()
+        ).annotate(**_rollup_sums())
+        written += _upsert(hour_buckets, UsageRollup.HOUR)
+    return written
+
+
+def _chunks(
+    ranges: list[tuple[datetime, datetime]], chunk: timedelta
+) -> list[tuple[datetime, datetime]]:
+    """Merge overlapping ranges, round them out to whole minutes and cut them where the
+    epoch-aligned grid of ``chunk`` crosses them (so 6-hour chunks never split an hour,
+    and runs cut the same places)."""
+    merged: list[list[datetime]] = []
+    for start, end in sorted((_floor(s, MINUTE), _ceil(e, MINUTE)) for s, e in ranges):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces = []
+    for start, end in merged:
+        cut = start
+        while cut < end:
+            nxt = min(_floor(cut, chunk) + chunk, end)
+            pieces.append((cut, nxt))
+            cut = nxt
+    return pieces
+
+
+def _cursor_state(*, lock: bool = False) -> tuple[int, datetime | None] | None:
+    rows = RollupCursor.objects.filter(name=CURSOR_NAME)
+    if lock:
+        rows = rows.select_for_update()
+    row = rows.values_list("last_event_id", "rolled_up_to").first()
+    return None if row is None else (row[0], row[1])
+
+
+def _try_lock() -> bool:
+    """Take the rollup's transaction-scoped lock, without waiting. SQLite needs none:
+    its single writer already serialises the chunk transactions."""
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ADVISORY_LOCK_KEY])
+        return bool(cursor.fetchone()[0])
+
+
+def rollup_pending(
+    *,
+    now: datetime | None = None,
+    chunk: timedelta = timedelta(hours=6),
+    lateness: timedelta = timedelta(minutes=5),
+) -> RollupReport:
+    """Roll up the events written since the last run, and the trailing ``lateness``
+    window before ``now``.
+
+    The events with ids above the cursor (up to the largest id now) give the time range
+    [earliest, latest created_at] to recompute; with [now - lateness, now) it is
+    processed in ``chunk``-sized pieces, each ONE transaction that writes its buckets
+    and moves the cursor: ``rolled_up_to`` to the chunk's end (at most ``now``) and, in
+    the last chunk, ``last_event_id`` to that largest id. A run killed mid-way loses
+    only its uncommitted chunk: rows already written are correct replacements, and as
+    the cursor's id has not moved, the next run recomputes the same range (and anything
+    newer) to the same totals.
+
+    Runs are serialised on PostgreSQL by ``pg_try_advisory_xact_lock`` in each chunk;
+    a run that finds it taken, or finds the cursor moved by another run since it
+    planned, stops and reports ``skipped``.
+    """
+    now = _utc(now or timezone.now())
+    if chunk < MINUTE or chunk % MINUTE:
+        raise ValueError("chunk must be a whole number of minutes")
+    planned = _cursor_state()
+    last_id = planned[0] if planned else 0
+    high = UsageEvent.objects.aggregate(high=Max("id"))["high"] or 0
+    new = UsageEvent.objects.filter(id__gt=last_id, id__lte=high).aggregate(
+        seen=Count("id"), earliest=Min("created_at"), latest=Max("created_at")
+    )
+    ranges = [(now - lateness, now)]
+    if new["seen"]:
+        # The latest event's minute included (ranges are half-open, rounded out).
+        ranges.append((new["earliest"], new["latest"] + timedelta(microseconds=1)))
+    pieces = _chunks(ranges, chunk)
+
+    written = done = 0
+    reached = planned[1] if planned else None
+    for number, (start, end) in enumerate(pieces, start=1):
+        with transaction.atomic():
+            if not _try_lock() or _cursor_state(lock=True) != planned:
+                return RollupReport(new["seen"], written, done, reached, skipped=True)
+            written += rollup_window(start, end)
+            reached = min(end, now)
+            values: dict[str, Any] = {"rolled_up_to": reached}
+            if number == len(pieces):
+                values["last_event_id"] = max(high, last_id)
+            RollupCursor.objects.update_or_create(name=CURSOR_NAME, defaults=values)
+            planned = _cursor_state()
+        done += 1
+    return RollupReport(new["seen"], written, done, reached)
+
+
+def rolled_up_to() -> datetime | None:
+    """The time up to which the rollups are complete (None before the first run)."""
+    state = _cursor_state()
+    return None if state is None else state[1]
+
+
+# --- Reading totals ----------------------------------------------------------------------
+
+
+def _totals(rows: QuerySet, since: datetime, until: datetime, fresh: datetime | None) -> Totals:
+    """Fold rows grouped by (k_tier, k_org) with n_<counter> sums into a ``Totals``."""
+    sums = dict.fromkeys(_TOTALS, 0)
+    orgs: dict[str, set[str]] = {}
+    for row in rows:
+        for name in _TOTALS:
+            sums[name] += int(row[f"n_{name}"] or 0)
+        if row["n_allowed"] and row["k_org"]:
+            orgs.setdefault(row["k_tier"], set()).add(row["k_org"])
+    return Totals(
+        since=since,
+        until=until,
+        **sums,
+        orgs_by_tier={tier: frozenset(names) for tier, names in sorted(orgs.items())},
+        rolled_up_to=fresh,
+    )
+
+
+def _rollup_totals(release: str, stage: str, where: Q, since: datetime, until: datetime) -> Totals:
+    rows = (
+        UsageRollup.objects.filter(where, release=release, stage=stage)
+        .order_by()
+        .values(k_tier=F("tier"), k_org=F("org"))
+        .annotate(**_rollup_sums(_TOTALS))
+    )
+    return _totals(rows, since, until, rolled_up_to())
+
+
+def _minutes(since: datetime, until: datetime) -> Q:
+    return Q(bucket_seconds=UsageRollup.MINUTE, bucket_start__gte=since, bucket_start__lt=until)
+
+
+def _bounds(since: datetime, until: datetime) -> tuple[datetime, datetime]:
+    since, until = _floor(since, MINUTE), _floor(until, MINUTE)
+    if until < since:
+        raise ValueError(f"until ({until}) is before since ({since})")
+    return since, until
+
+
+def stage_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:
+    """Usage of ``release`` in ``stage`` over [since, until), both rounded down to the
+    minute, from the rollups: hour rows for the whole hours inside the period, minute
+    rows for the partial hours at its edges, summed in the database by (tier, org).
+    Two queries; the cost grows with the span and the number of orgs, not the traffic.
+    Events after ``Totals.rolled_up_to`` may not be counted yet."""
+    since, until = _bounds(since, until)
+    first_hour, end_hour = _ceil(since, HOUR), _floor(until, HOUR)
+    if first_hour < end_hour:
+        where = (
+            Q(
+                bucket_seconds=UsageRollup.HOUR,
+                bucket_start__gte=first_hour,
+                bucket_start__lt=end_hour,
+            )
+            | _minutes(since, first_hour)
+            | _minutes(end_hour, until)
+        )
+    else:
+        where = _minutes(since, until)
+    return _rollup_totals(release, stage, where, since, until)
+
+
+def window_totals(*, release: str, stage: str, minutes: int, now: datetime) -> Totals:
+    """Usage of ``release`` in ``stage`` over the ``minutes`` whole minutes before the
+    minute of ``now`` (the current minute is still filling), from minute rows: a
+    tripwire's window."""
+    until = _floor(now, MINUTE)
+    since = until - minutes * MINUTE
+    return _rollup_totals(release, stage, _minutes(since, until), since, until)
+
+
+def raw_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:
+    """What ``stage_totals`` returns, computed from the raw events (a scan of the
+    period's events: for tests and benchmarks, not for reviews)."""
+    since, until = _bounds(since, until)
+    rows = (
+        UsageEvent.objects.filter(
+            release=release, stage=stage, created_at__gte=since, created_at__lt=until
+        )
+        .order_by()
+        .values(k_tier=F("tier"), k_org=F("org"))
+        .annotate(**_event_counts())
+    )
+    return _totals(rows, since, until, None)

@@ -1,0 +1,442 @@
+"""Usage rollups: totals from rollups equal totals from the raw events (random data,
+partial hours, minute edges, tripwire windows), rollups replace rather than add (twice,
+chunked, after an interrupted run, after events are gone), the cursor picks up late
+events, and the counting rules for denied, errored and flagged requests."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import connection, connections
+
+from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+from monitoring.rollups import (
+    ADVISORY_LOCK_KEY,
+    RollupReport,
+    Totals,
+    raw_totals,
+    rolled_up_to,
+    rollup_pending,
+    rollup_window,
+    stage_totals,
+    window_totals,
+)
+from monitoring.usage import FIELDS, write_events
+
+BASE = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # an hour boundary
+RELEASES = ("atlas-2", "boreas-1")
+STAGES = ("research_preview", "commercial")
+ORGS = (  # (org public id, tier); one blank org, as a refusal before the key is known
+    ("org_northwind", "research_partner"),
+    ("org_acme", "verified_commercial"),
+    ("org_initech", "verified_commercial"),
+    ("org_tartu", "credentialed_academic"),
+    ("org_publicdev", "public"),
+    ("", ""),
+)
+KEY_COLUMNS = ("bucket_seconds", "bucket_start", "release", "stage", "tier", "org")
+ROW_COLUMNS = (
+    *KEY_COLUMNS,
+    "requests",
+    "allowed",
+    "denied",
+    "errors",
+    "flagged",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_sum",
+)
+
+
+def _event(
+    at: datetime,
+    *,
+    release: str = "atlas-2",
+    stage: str = "research_preview",
+    org: str = "org_northwind",
+    tier: str = "research_partner",
+    decision: str = "allow",
+    error: str = "",
+    flagged: bool = False,
+    prompt_tokens: int = 10,
+    completion_tokens: int = 20,
+    latency_ms: float = 12.5,
+) -> tuple:
+    """One event as the proxy records it: a tuple in ``FIELDS`` order."""
+    values = {
+        "created_at": at.timestamp(),
+        "request_id": f"req_{at.timestamp():.6f}",
+        "org": org,
+        "key": "key_0123456789abcdef" if org else "",
+        "tier": tier,
+        "release": release,
+        "stage": stage,
+        "endpoint": "chat.completions",
+        "decision": decision,
+        "reason": "ok" if decision == "allow" else "tier_not_admitted",
+        "status": 200 if decision == "allow" else 403,
+        "error": error,
+        "streamed": False,
+        "client_disconnected": False,
+        "flagged": flagged,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "latency_ms": latency_ms,
+        "upstream_latency_ms": None,
+    }
+    return tuple(values[name] for name in FIELDS)
+
+
+def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[tuple]:
+    """Events over [BASE - 30 min, BASE + hours h), a tenth of them on a minute or hour
+    edge or a microsecond before one. Latencies are multiples of 1/4, so their sums
+    are exact whatever the order of addition."""
+    rng = random.Random(seed)
+    span = int((hours * 60 + 30) * 60)
+    events = []
+    for _ in range(count):
+        at = BASE - timedelta(minutes=30) + timedelta(seconds=rng.uniform(0, span))
+        if rng.random() < 0.1:
+            edge = at.replace(second=0, microsecond=0)
+            if rng.random() < 0.3:
+                edge = edge.replace(minute=0)
+            at = edge - timedelta(microseconds=rng.choice((0, 1)))
+        org, tier = rng.choice(ORGS)
+        allowed = rng.random() < 0.85
+        events.append(
+            _event(
+                at,
+                release=rng.choice(RELEASES),
+                stage=rng.choice(STAGES),
+                org=org,
+                tier=tier,
+                decision="allow" if allowed else "deny",
+                error="upstream_error" if rng.random() < 0.1 else "",
+                flagged=rng.random() < 0.1,
+                prompt_tokens=rng.randint(0, 500) if allowed else 0,
+                completion_tokens=rng.randint(0, 900) if allowed else 0,
+                latency_ms=rng.randint(1, 4000) / 4,
+            )
+        )
+    return events
+
+
+def _rows() -> list[tuple]:
+    return list(UsageRollup.objects.order_by(*KEY_COLUMNS).values_list(*ROW_COLUMNS))
+
+
+def _periods() -> list[tuple[datetime, datetime]]:
+    """Whole span, whole hours, partial hours at both edges (not minute-aligned either),
+    inside one hour, across one hour boundary, and empty."""
+    return [
+        (BASE - timedelta(hours=1), BASE + timedelta(hours=5)),
+        (BASE, BASE + timedelta(hours=3)),
+        (
+            BASE + timedelta(minutes=17, seconds=30),
+            BASE + timedelta(hours=3, minutes=42, seconds=10),
+        ),
+        (BASE - timedelta(minutes=29, seconds=59), BASE + timedelta(hours=2, minutes=1)),
+        (BASE + timedelta(hours=1, minutes=5), BASE + timedelta(hours=1, minutes=55)),
+        (BASE + timedelta(minutes=50), BASE + timedelta(hours=1, minutes=10)),
+        (BASE + timedelta(hours=2), BASE + timedelta(hours=2)),
+    ]
+
+
+def _assert_totals_match_raw() -> None:
+    for release in RELEASES:
+        for stage in STAGES:
+            for since, until in _periods():
+                kwargs = {"release": release, "stage": stage, "since": since, "until": until}
+                assert stage_totals(**kwargs) == raw_totals(**kwargs), kwargs
+
+
+END = BASE + timedelta(hours=4, minutes=1)  # after every random event
+
+
+def test_stage_totals_random_data_equal_raw_totals(db):
+    write_events(_random_events(3000))
+
+    rollup_pending(now=END)
+
+    _assert_totals_match_raw()
+    whole = raw_totals(release="atlas-2", stage="commercial", since=BASE, until=END)
+    assert (whole.requests > 500, whole.distinct_orgs) == (True, 5)
+
+
+def test_stage_totals_partial_hours_match_raw_totals(db):
+    edges = [BASE + timedelta(hours=1), BASE + timedelta(hours=2, minutes=13)]
+    events = []
+    for edge in edges:
+        for delta in (-61, -60, -1, 0, 1, 59, 60):
+            events.append(_event(edge + timedelta(seconds=delta)))
+        events.append(_event(edge - timedelta(microseconds=1)))
+    write_events(events)
+    rollup_pending(now=END)
+
+    periods = [
+        (BASE + timedelta(minutes=59), BASE + timedelta(hours=2, minutes=14)),
+        (BASE + timedelta(minutes=59, seconds=59), BASE + timedelta(hours=2, minutes=13)),
+        (BASE + timedelta(hours=1), BASE + timedelta(hours=2, minutes=12, seconds=59)),
+        (BASE + timedelta(hours=1, minutes=1), BASE + timedelta(hours=2)),
+        (BASE + timedelta(minutes=1), BASE + timedelta(hours=3, seconds=1)),
+    ]
+    got = [
+        stage_totals(release="atlas-2", stage="research_preview", since=s, until=u).requests
+        for s, u in periods
+    ]
+    raw = [
+        raw_totals(release="atlas-2", stage="research_preview", since=s, until=u).requests
+        for s, u in periods
+    ]
+    # Bounds round down to the minute. [0:59, 2:14) holds all but 0:58:59 and 2:14:00;
+    # [0:59, 2:13) loses the four from 2:13:00; [1:00, 2:12) holds 1:00:00 to 1:01:00
+    # and 2:11:59; [1:01, 2:00) only 1:01:00.
+    assert (got, raw) == ([14, 11, 5, 1, 16], [14, 11, 5, 1, 16])
+
+
+def test_rollup_window_run_twice_gives_identical_rows(db):
+    write_events(_random_events(1500))
+    start, end = BASE - timedelta(minutes=45), END
+
+    first_written = rollup_window(start, end)
+    first = _rows()
+    second_written = rollup_window(start, end)
+
+    assert (_rows(), second_written) == (first, first_written)
+    assert first_written == len(first)
+
+
+def test_rollup_pending_run_twice_gives_identical_rows(db):
+    write_events(_random_events(1500))
+
+    rollup_pending(now=END)
+    first = _rows()
+    again = rollup_pending(now=END)
+
+    assert _rows() == first
+    assert (again.events_seen, again.skipped) == (0, False)
+    _assert_totals_match_raw()
+
+
+def test_rollup_pending_late_event_with_higher_id_is_counted(db):
+    write_events(_random_events(500))
+    rollup_pending(now=END)
+    period = {"release": "atlas-2", "stage": "commercial", "since": BASE, "until": END}
+    before = stage_totals(**period)
+
+    # Buffered while the database was down: an old created_at, written after the run.
+    late = BASE + timedelta(hours=1, minutes=7, seconds=3)
+    write_events([_event(late, stage="commercial", org="org_acme", tier="verified_commercial")])
+    report = rollup_pending(now=END + timedelta(minutes=1))
+
+    after = stage_totals(**period)
+    assert (report.events_seen, after.requests, after.allowed) == (
+        1,
+        before.requests + 1,
+        before.allowed + 1,
+    )
+    assert after == raw_totals(**period)
+    assert rolled_up_to() == END + timedelta(minutes=1)
+
+
+def test_rollup_pending_out_of_order_commit_within_lateness_is_counted(db):
+    now = BASE + timedelta(hours=2)
+    make = []
+    for i in range(1, 11):
+        values = dict(zip(FIELDS, _event(now - timedelta(seconds=30 - i)), strict=True))
+        values["created_at"] = datetime.fromtimestamp(values["created_at"], UTC)
+        make.append(UsageEvent(id=i, **values))
+    UsageEvent.objects.bulk_create([e for e in make if e.id not in (5, 6)])
+    rollup_pending(now=now)
+
+    # Ids 5 and 6 were taken by a writer that commits only now, below the cursor.
+    UsageEvent.objects.bulk_create([e for e in make if e.id in (5, 6)])
+    rollup_pending(now=now + timedelta(minutes=2))
+
+    period = {"release": "atlas-2", "stage": "research_preview", "since": BASE, "until": now}
+    assert (stage_totals(**period).requests, RollupCursor.objects.get().last_event_id) == (10, 10)
+
+
+def test_totals_counting_rules_denied_errors_flagged(db):
+    at = BASE + timedelta(minutes=3)
+    write_events(
+        [
+            _event(at, org="org_northwind", tier="research_partner"),
+            _event(at, org="org_acme", tier="verified_commercial", error="upstream_error"),
+            _event(at, org="org_acme", tier="verified_commercial", flagged=True),
+            # Denied: counted as requests and denied, never as errors, flagged or tokens,
+            # and a denied org is not one that used the stage.
+            _event(
+                at,
+                org="org_tartu",
+                tier="credentialed_academic",
+                decision="deny",
+                error="upstream_error",
+                flagged=True,
+                prompt_tokens=1000,
+            ),
+            _event(at, org="", tier="public"),  # allowed, but no org to count
+            _event(at, stage="commercial", org="org_publicdev", tier="public"),  # other stage
+        ]
+    )
+    rollup_pending(now=END)
+    period = {"release": "atlas-2", "stage": "research_preview", "since": BASE, "until": END}
+
+    totals = stage_totals(**period)
+
+    assert totals == Totals(
+        since=BASE,
+        until=END,
+        requests=5,
+        allowed=4,
+        denied=1,
+        errors=1,
+        flagged=1,
+        prompt_tokens=40,
+        completion_tokens=80,
+        orgs_by_tier={
+            "research_partner": frozenset({"org_northwind"}),
+            "verified_commercial": frozenset({"org_acme"}),
+        },
+    )
+    assert (totals.distinct_orgs, totals.rolled_up_to) == (2, END)
+    assert totals == raw_totals(**period)
+    row = UsageRollup.objects.get(
+        bucket_seconds=60, stage="research_preview", org="org_acme", bucket_start=at
+    )
+    assert (row.requests, row.errors, row.flagged, row.latency_ms_sum) == (2, 1, 1, 25.0)
+
+
+def test_window_totals_last_minutes_from_minute_rows(db):
+    now = BASE + timedelta(hours=1, minutes=2, seconds=30)
+    minutes_ago = [0, 1, 9, 10, 11, 65]  # before the minute of now
+    write_events(
+        [_event(now.replace(second=5) - timedelta(minutes=m)) for m in minutes_ago]
+        + [_event(now.replace(second=0))]  # in the current minute: not yet in a window
+    )
+    rollup_pending(now=now + timedelta(minutes=1))
+
+    totals = window_totals(release="atlas-2", stage="research_preview", minutes=10, now=now)
+
+    since, until = BASE + timedelta(minutes=52), BASE + timedelta(hours=1, minutes=2)
+    assert (totals.since, totals.until, totals.requests) == (since, until, 3)
+    assert totals == raw_totals(
+        release="atlas-2", stage="research_preview", since=since, until=until
+    )
+
+
+def test_totals_empty_database_are_zero(db):
+    totals = stage_totals(release="atlas-2", stage="research_preview", since=BASE, until=END)
+
+    assert totals == Totals(since=BASE, until=END)
+    assert (totals.requests, totals.distinct_orgs, totals.rolled_up_to, rolled_up_to()) == (
+        0,
+        0,
+        None,
+        None,
+    )
+    report = rollup_pending(now=END)
+    assert report == RollupReport(
+        events_seen=0, buckets_written=0, chunks=1, rolled_up_to=END, skipped=False
+    )
+
+
+def test_rollup_pending_small_chunks_equal_one_big_chunk(db):
+    write_events(_random_events(2000, hours=7))
+    now = BASE + timedelta(hours=7, minutes=1)
+
+    small = rollup_pending(now=now, chunk=timedelta(minutes=20))
+    chunked = _rows()
+    UsageRollup.objects.all().delete()
+    RollupCursor.objects.all().delete()
+    big = rollup_pending(now=now, chunk=timedelta(days=1))
+
+    assert _rows() == chunked
+    # The events span [7:59, 16:01) (the earliest a microsecond before 8:00): cut by the
+    # epoch's 20-minute grid, one minute, 24 pieces and one minute; or one piece.
+    earliest = UsageEvent.objects.order_by("created_at").first().created_at
+    assert (earliest, small.chunks, big.chunks, small.rolled_up_to, big.rolled_up_to) == (
+        BASE - timedelta(hours=1, microseconds=1),
+        26,
+        1,
+        now,
+        now,
+    )
+    assert small.events_seen == big.events_seen == 2000
+
+
+def test_rollup_pending_after_interrupted_run_gives_same_totals(db):
+    write_events(_random_events(1500))
+    # What a run killed in its second chunk leaves: the first chunk committed (rows and
+    # rolled_up_to), the cursor's event id not moved.
+    rollup_window(BASE - timedelta(minutes=30), BASE + timedelta(minutes=30))
+    RollupCursor.objects.create(name="usage", rolled_up_to=BASE + timedelta(minutes=30))
+
+    report = rollup_pending(now=END, chunk=timedelta(hours=1))
+    resumed = _rows()
+    UsageRollup.objects.all().delete()
+    RollupCursor.objects.all().delete()
+    rollup_pending(now=END, chunk=timedelta(hours=1))
+
+    assert (resumed, report.events_seen) == (_rows(), 1500)
+    _assert_totals_match_raw()
+
+
+def test_rollup_window_events_gone_deletes_their_buckets(db):
+    write_events(_random_events(1000))
+    rollup_pending(now=END)
+    # Retention removes the first hour's commercial events.
+    UsageEvent.objects.filter(stage="commercial", created_at__lt=BASE + timedelta(hours=1)).delete()
+
+    rollup_window(BASE - timedelta(hours=2), END)
+
+    fresh = _rows()
+    UsageRollup.objects.all().delete()
+    rollup_window(BASE - timedelta(hours=2), END)
+    assert fresh == _rows()
+    gone = UsageRollup.objects.filter(
+        stage="commercial", bucket_start__lt=BASE + timedelta(hours=1)
+    )
+    assert gone.count() == 0
+    _assert_totals_match_raw()
+
+
+def test_hour_rows_equal_the_sum_of_their_minutes(db):
+    write_events(_random_events(1000))
+    rollup_pending(now=END)
+    minutes: dict[tuple, list[int]] = {}
+    for row in UsageRollup.objects.filter(bucket_seconds=60).values_list(*ROW_COLUMNS):
+        hour = row[1].replace(minute=0)
+        sums = minutes.setdefault((hour, *row[2:6]), [0] * 8)
+        for i, value in enumerate(row[6:]):
+            sums[i] += value
+
+    hours = {
+        row[1:6]: list(row[6:])
+        for row in UsageRollup.objects.filter(bucket_seconds=3600).values_list(*ROW_COLUMNS)
+    }
+
+    assert hours == minutes
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite serialises its writers")
+def test_rollup_pending_another_run_holding_the_lock_skips(db):
+    write_events(_random_events(100))
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", [ADVISORY_LOCK_KEY])
+        report = rollup_pending(now=END)
+    finally:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [ADVISORY_LOCK_KEY])
+        other.close()
+
+    assert (report, _rows(), rolled_up_to()) == (
+        RollupReport(events_seen=100, buckets_written=0, chunks=0, rolled_up_to=None, skipped=True),
+        [],
+        None,
+    )
+    assert rollup_pending(now=END).skipped is False
