@@ -227,6 +227,63 @@ STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, mini
 # /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
 STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
 
+# --- Background work: Celery on Redis, or the in-process scheduler -------------------------
+# The same task functions run on the same schedule (stagegate/schedule.py) either way:
+# "celery" needs a worker and beat (README); "in_process" runs them in a thread of the
+# web server, which is how the embedded mode works without a broker; "off" runs nothing
+# (for servers whose work is done elsewhere, and for tests that drive tasks themselves).
+STAGEGATE_SCHEDULER = env_choice(
+    "STAGEGATE_SCHEDULER", "celery" if REDIS_URL else "in_process", ("celery", "in_process", "off")
+)
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL or "memory://")
+CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", REDIS_URL or "cache+memory://")
+CELERY_RESULT_EXPIRES = 24 * 3600
+CELERY_TASK_DEFAULT_QUEUE = "stagegate"
+# A task is acknowledged when it finishes, so a worker that dies mid-task leaves it for
+# another; but a task that kills its worker process is failed, not redelivered, so a
+# poison message cannot loop. Every periodic task is idempotent and runs again at its
+# next tick anyway.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 1800, minimum=10)
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 5
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # An unacknowledged message (its worker was killed outright) is delivered again after
+    # this long; longer than any task may run.
+    "visibility_timeout": CELERY_TASK_TIME_LIMIT + 600,
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# Stage reviews and tripwires (rollout/reviews.py, rollout/tripwires.py). Seconds.
+# A periodic review of every active release this often; each new review voids the
+# approvals of the one before, so this is a working day or more, not minutes.
+STAGEGATE_REVIEW_INTERVAL = env_int("STAGEGATE_REVIEW_INTERVAL", 24 * 3600, minimum=60)
+STAGEGATE_TRIPWIRE_INTERVAL = env_int("STAGEGATE_TRIPWIRE_INTERVAL", 60, minimum=1)
+STAGEGATE_ROLLUP_INTERVAL = env_int("STAGEGATE_ROLLUP_INTERVAL", 60, minimum=1)
+# Telemetry rolled up longer ago than this is stale: no criterion passes on it.
+STAGEGATE_TELEMETRY_MAX_STALENESS = env_int(
+    "STAGEGATE_TELEMETRY_MAX_STALENESS", 15 * 60, minimum=60
+)
+# Where automatic actions (tripwires) are announced: a webhook receiving JSON, and/or
+# e-mail through Django's e-mail backend (EMAIL_* settings).
+STAGEGATE_NOTIFY_WEBHOOK_URL = env_str("STAGEGATE_NOTIFY_WEBHOOK_URL", "")
+STAGEGATE_NOTIFY_EMAILS = env_list("STAGEGATE_NOTIFY_EMAILS", [])
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "stagegate@localhost")
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.smtp.EmailBackend"
+    if PRODUCTION
+    else "django.core.mail.backends.console.EmailBackend",
+)
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = 10
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -15,6 +15,13 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _tasks_run_here(settings):
+    """Work enqueued after a commit (notifications) runs in the test's process, not on a
+    broker no worker reads; tests of the Celery worker (tests/test_celery.py) say so."""
+    settings.STAGEGATE_SCHEDULER = "off"
+
+
 @pytest.fixture
 def northwind(db):
     return make_org("northwind-research", "research_partner")

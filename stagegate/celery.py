@@ -1,0 +1,73 @@
+"""The Celery app: broker and results on Redis (``REDIS_URL``), tasks found in each
+app's ``tasks`` module, the beat schedule from ``stagegate.schedule``.
+
+Start a worker and beat (README, docs/operations.md)::
+
+    celery -A stagegate worker --loglevel=INFO
+    celery -A stagegate beat --loglevel=INFO
+
+In embedded mode there is no broker: ``stagegate.scheduler`` runs the same task
+functions on the same schedule inside the web server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "stagegate.settings")
+
+log = logging.getLogger(__name__)
+
+app = Celery("stagegate")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+# Every task: retried on a database or Redis outage, at most three times with growing
+# waits, so a task that keeps failing is given up (its next periodic run tries again).
+RETRIED = {
+    "autoretry_for": (
+        OperationalError,
+        InterfaceError,
+        DatabaseError,
+        RedisConnectionError,
+        RedisTimeoutError,
+    ),
+    "max_retries": 3,
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+}
+
+
+@app.on_after_finalize.connect
+def _schedule(sender: Celery, **_kwargs) -> None:
+    from stagegate.schedule import beat_schedule
+
+    sender.conf.beat_schedule = beat_schedule()
+
+
+def enqueue(task, **kwargs) -> None:
+    """Run ``task(**kwargs)`` once the current transaction commits: on a Celery worker
+    when Celery is the scheduler, otherwise right here. If the broker cannot take it,
+    it runs here too, so the work is not lost with the message."""
+    from django.conf import settings
+
+    def send() -> None:
+        if settings.STAGEGATE_SCHEDULER == "celery":
+            try:
+                task.apply_async(kwargs=kwargs)
+                return
+            except Exception:
+                log.exception("could not enqueue %s; running it in this process", task.name)
+        try:
+            task(**kwargs)
+        except Exception:
+            log.exception("task %s failed", task.name)
+
+    transaction.on_commit(send)
