@@ -10,7 +10,14 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from access.roles import admin_org_ids, can_read_all, is_rollout_admin
+from access.roles import (
+    REVIEWER,
+    ROLLOUT_ADMIN,
+    admin_org_ids,
+    can_read_all,
+    is_rollout_admin,
+    staff_roles,
+)
 
 
 def _is_org_admin(user) -> bool:
@@ -94,3 +101,20 @@ def scope_to_orgs(queryset: QuerySet, request, field: str = "organization") -> Q
         return queryset
     lookup = "pk__in" if field == "pk" else f"{field}__in"
     return queryset.filter(**{lookup: ids})
+
+
+class IsReviewer(BasePermission):
+    """Users with the reviewer role (approving and rejecting reviews)."""
+
+    def has_permission(self, request, view) -> bool:
+        return REVIEWER in staff_roles(request.user)
+
+
+class StaffReadReviewerOrAdminWrite(BasePermission):
+    """Staff of any role read; reviewers and rollout admins write (request a review,
+    file or resolve an incident); viewers only read."""
+
+    def has_permission(self, request, view) -> bool:
+        if request.method in SAFE_METHODS:
+            return can_read_all(request.user)
+        return bool({REVIEWER, ROLLOUT_ADMIN} & staff_roles(request.user))

@@ -148,7 +148,7 @@ KEY_OBJECTS = frozenset({"api_key", "apikey"})
 ORG_OBJECTS = frozenset({"organization"})
 VERIFICATION_OBJECTS = frozenset({"verification"})
 RELEASE_OBJECTS = frozenset({"release", "rolloutplan", "stagetransition"})
-NOT_DECIDED_FROM = frozenset({"user", "group", "membership"})
+NOT_DECIDED_FROM = frozenset({"user", "group", "membership", "review", "approval", "incident"})
 MAX_INCREMENTAL_ROWS = 1000
 
 

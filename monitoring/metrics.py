@@ -8,7 +8,9 @@ totals of all workers whichever worker answers it.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +21,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -109,13 +114,100 @@ def child(metric, *labels: str):
     return found
 
 
+class ReleaseCollector:
+    """Each release's stage and state, and its latest review's criteria, read from the
+    database when scraped (at most every ``ttl`` seconds; a scrape in between gets the
+    same figures). The values live in the database, not in a process, so whichever
+    worker answers the scrape reports the same thing."""
+
+    def __init__(self, ttl: float = 10.0) -> None:
+        self.ttl = ttl
+        self._cached: tuple[float, list] | None = None
+
+    def describe(self):
+        return []  # collected only on scrape: registering must not query the database
+
+    def _families(self) -> list:
+        from django.db import close_old_connections
+
+        from rollout.status import release_status
+
+        close_old_connections()
+        stage = GaugeMetricFamily(
+            "stagegate_release_stage",
+            "Position of the release's current stage in its plan (0 = first); the stage label"
+            " names it.",
+            labels=["release", "stage"],
+        )
+        paused = GaugeMetricFamily(
+            "stagegate_release_paused", "1 while the release is paused.", labels=["release"]
+        )
+        observed = GaugeMetricFamily(
+            "stagegate_review_criterion_observed",
+            "Each exit criterion's observed value in the release's latest review (rates are"
+            " 95% Wilson upper bounds).",
+            labels=["release", "stage", "criterion"],
+        )
+        threshold = GaugeMetricFamily(
+            "stagegate_review_criterion_threshold",
+            "Each numeric exit criterion's threshold in the release's latest review.",
+            labels=["release", "stage", "criterion"],
+        )
+        passed = GaugeMetricFamily(
+            "stagegate_review_criterion_passed",
+            "1 when the criterion passed in the release's latest review, else 0.",
+            labels=["release", "stage", "criterion"],
+        )
+        recommendation = GaugeMetricFamily(
+            "stagegate_review_recommendation",
+            "1 for the recommendation of the release's latest review.",
+            labels=["release", "recommendation"],
+        )
+        reviewed_at = GaugeMetricFamily(
+            "stagegate_review_timestamp_seconds",
+            "When the release's latest review was made (Unix time).",
+            labels=["release"],
+        )
+        for status in release_status():
+            stage.add_metric([status.release, status.stage], status.stage_index)
+            paused.add_metric([status.release], 1 if status.state == "paused" else 0)
+            review = status.review
+            if review is None:
+                continue
+            reviewed_at.add_metric([status.release], review.created_at.timestamp())
+            recommendation.add_metric([status.release, review.recommendation], 1)
+            for result in review.criteria:
+                labels = [status.release, review.stage, result["name"]]
+                passed.add_metric(labels, 1 if result["passed"] else 0)
+                if isinstance(result["observed"], int | float):
+                    observed.add_metric(labels, result["observed"])
+                if isinstance(result["threshold"], int | float):
+                    threshold.add_metric(labels, result["threshold"])
+        return [stage, paused, observed, threshold, passed, recommendation, reviewed_at]
+
+    def collect(self):
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] >= self.ttl:
+            try:
+                self._cached = (now, self._families())
+            except Exception:  # a scrape must still answer with the proxy's own series
+                log.exception("could not read release and review metrics")
+                return []
+        return self._cached[1]
+
+
+RELEASES = CollectorRegistry(auto_describe=False)
+RELEASES.register(ReleaseCollector())
+
+
 def render() -> bytes:
-    """The exposition text for a scrape, merged across worker processes if needed."""
+    """The exposition text for a scrape, merged across worker processes if needed,
+    followed by the release and review gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
+        return generate_latest(registry) + generate_latest(RELEASES)
+    return generate_latest() + generate_latest(RELEASES)
 
 
 def mark_process_dead(pid: int) -> None:

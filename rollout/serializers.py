@@ -6,7 +6,16 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from rollout.models import Release, ReleaseState, RolloutPlan, StageTransition
+from rollout.models import (
+    Approval,
+    Incident,
+    Release,
+    ReleaseState,
+    Review,
+    RolloutPlan,
+    Severity,
+    StageTransition,
+)
 
 
 class ReleaseSerializer(serializers.ModelSerializer):
@@ -59,6 +68,7 @@ class _StateField(serializers.CharField):
 
 class TransitionSerializer(serializers.ModelSerializer):
     to_state = _StateField(read_only=True)
+    review = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
     release = serializers.SlugRelatedField(slug_field="name", read_only=True)
     plan_version = serializers.IntegerField(source="plan.version", read_only=True)
     actor = serializers.SlugRelatedField(slug_field="username", read_only=True)
@@ -76,6 +86,7 @@ class TransitionSerializer(serializers.ModelSerializer):
             "plan_version",
             "actor",
             "reason",
+            "review",
             "created_at",
         )
         read_only_fields = fields
@@ -126,3 +137,160 @@ class PlanApplyResultSerializer(serializers.Serializer):
     previous_version = serializers.IntegerField(allow_null=True, required=False)
     created_release = serializers.BooleanField(required=False)
     diff = serializers.CharField(required=False)
+
+
+# --- reviews, approvals, incidents, transitions requested --------------------------------------
+
+
+class ApprovalSerializer(serializers.ModelSerializer):
+    review = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
+    reviewer = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    plan_version = serializers.IntegerField(source="plan.version", read_only=True)
+
+    class Meta:
+        model = Approval
+        fields = (
+            "public_id",
+            "review",
+            "reviewer",
+            "verdict",
+            "comment",
+            "stage",
+            "plan_version",
+            "created_at",
+        )
+        read_only_fields = fields
+
+
+class ReviewSerializer(serializers.ModelSerializer):
+    release = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    plan_version = serializers.IntegerField(source="plan.version", read_only=True)
+    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Review
+        fields = (
+            "public_id",
+            "release",
+            "stage",
+            "next_stage",
+            "plan_version",
+            "recommendation",
+            "summary",
+            "criteria",
+            "tripwires",
+            "telemetry",
+            "approvals_needed",
+            "trigger",
+            "requested_by",
+            "created_at",
+        )
+        read_only_fields = fields
+
+
+class ReviewDetailSerializer(ReviewSerializer):
+    """A review with its approvals and whether they still count."""
+
+    approvals = ApprovalSerializer(many=True, read_only=True)
+    approvals_counted = serializers.SerializerMethodField(
+        help_text="Approvals that count toward the advance now."
+    )
+    stale = serializers.SerializerMethodField(
+        help_text="Why approvals of this review no longer count (a code), or null."
+    )
+    transition = serializers.SerializerMethodField(help_text="The advance it carried out.")
+
+    class Meta(ReviewSerializer.Meta):
+        fields = (
+            *ReviewSerializer.Meta.fields,
+            "approvals",
+            "approvals_counted",
+            "stale",
+            "transition",
+        )
+        read_only_fields = fields
+
+    def get_approvals_counted(self, review) -> int:
+        from rollout.transitions import counted_approvals
+
+        return len(counted_approvals(review))
+
+    def get_stale(self, review) -> str | None:
+        from rollout.transitions import stale_reason
+
+        refused = stale_reason(review, review.release)
+        return refused.code if refused else None
+
+    def get_transition(self, review) -> str | None:
+        transition = StageTransition.objects.filter(review=review).only("public_id").first()
+        return transition.public_id if transition else None
+
+
+class ReviewRequestSerializer(serializers.Serializer):
+    release = serializers.CharField(help_text="The release's public_id or name.")
+
+
+class VerdictSerializer(serializers.Serializer):
+    comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class ApproveResultSerializer(serializers.Serializer):
+    approval = ApprovalSerializer()
+    transition = TransitionSerializer(allow_null=True)
+    blocked = serializers.CharField(
+        help_text="Why the approvals were complete but the advance was refused, or blank."
+    )
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=1000, help_text="Why; kept in the audit log.")
+
+
+class RollbackSerializer(ReasonSerializer):
+    from_stage = serializers.CharField(
+        required=False,
+        max_length=40,
+        help_text="Roll back only if the release is still in this stage (safe to repeat).",
+    )
+
+
+class IncidentSerializer(serializers.ModelSerializer):
+    release = serializers.SlugRelatedField(
+        slug_field="name", queryset=Release.objects.all(), help_text="The release's name."
+    )
+    stage = serializers.CharField(
+        required=False, max_length=40, help_text="Defaults to the release's current stage."
+    )
+    severity = serializers.ChoiceField(choices=Severity.choices)
+    opened_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    resolved_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Incident
+        fields = (
+            "public_id",
+            "release",
+            "stage",
+            "severity",
+            "status",
+            "title",
+            "description",
+            "opened_by",
+            "created_at",
+            "resolved_at",
+            "resolved_by",
+            "resolution",
+        )
+        read_only_fields = (
+            "public_id",
+            "status",
+            "opened_by",
+            "created_at",
+            "resolved_at",
+            "resolved_by",
+            "resolution",
+        )
+
+
+class ResolveSerializer(serializers.Serializer):
+    resolution = serializers.CharField(max_length=2000, help_text="How it was resolved.")

@@ -21,6 +21,7 @@ from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 from rollout.plan_schema import PlanInvalid
+from stagegate.errors import Refused
 
 # Codes of DRF's own exceptions that we rename; every other APIException keeps the
 # code it was raised with (``default_code`` unless the raiser chose one).
@@ -67,6 +68,10 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         first = f": {errors[0]['path']}: {errors[0]['message']}" if errors else ""
         message = f"the rollout plan has {count} error{'s' if count != 1 else ''}{first}"
         return Response(error_body("plan_invalid", _one_line(message), errors), status=400)
+
+    if isinstance(exc, Refused):
+        set_rollback()
+        return Response(error_body(exc.code, _one_line(exc.message)), status=exc.status)
 
     if isinstance(exc, Http404):
         # One message for every 404, so it never says what kind of object was missing.

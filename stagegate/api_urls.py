@@ -7,7 +7,15 @@ from rest_framework.routers import APIRootView, DefaultRouter
 
 from access.api import ApiKeyViewSet, MembershipViewSet, OrganizationViewSet, VerificationViewSet
 from monitoring.api import AuditEventViewSet
-from rollout.api import PlanViewSet, ReleasePlanViewSet, ReleaseViewSet, TransitionViewSet
+from rollout.api import (
+    ApprovalViewSet,
+    IncidentViewSet,
+    PlanViewSet,
+    ReleasePlanViewSet,
+    ReleaseViewSet,
+    ReviewViewSet,
+    TransitionViewSet,
+)
 
 
 class StagegateRootView(APIRootView):
@@ -31,6 +39,9 @@ router.register(
 )
 router.register("plans", PlanViewSet, basename="plan")
 router.register("transitions", TransitionViewSet, basename="transition")
+router.register("reviews", ReviewViewSet, basename="review")
+router.register("approvals", ApprovalViewSet, basename="approval")
+router.register("incidents", IncidentViewSet, basename="incident")
 router.register("audit", AuditEventViewSet, basename="audit")
 
 urlpatterns = router.urls

@@ -39,3 +39,15 @@ def new_plan_id() -> str:
 
 def new_transition_id() -> str:
     return new_public_id("tr")
+
+
+def new_review_id() -> str:
+    return new_public_id("rev")
+
+
+def new_approval_id() -> str:
+    return new_public_id("apv")
+
+
+def new_incident_id() -> str:
+    return new_public_id("inc")

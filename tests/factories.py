@@ -50,3 +50,71 @@ def make_verification(org: Organization, kind: str, *, expires_at, status=Verifi
         evidence_note="test evidence",
         expires_at=expires_at,
     )
+
+
+def usage_event(*, at, release: str, stage: str, org: str, tier: str, **fields) -> tuple:
+    """One usage event as ``monitoring.usage.write_events`` takes it (an allowed, served
+    request unless ``fields`` say otherwise)."""
+    from monitoring.usage import FIELDS
+
+    values = {
+        "created_at": at.timestamp(),
+        "request_id": f"req-{at.timestamp():.6f}-{org}",
+        "org": org,
+        "key": "key_test",
+        "tier": tier,
+        "release": release,
+        "stage": stage,
+        "endpoint": "chat",
+        "decision": "allow",
+        "reason": "ok",
+        "status": 200,
+        "error": "",
+        "streamed": False,
+        "client_disconnected": False,
+        "flagged": False,
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "latency_ms": 5.0,
+        "upstream_latency_ms": 4.0,
+        **fields,
+    }
+    return tuple(values[name] for name in FIELDS)
+
+
+def traffic(
+    *,
+    release: str,
+    stage: str,
+    orgs: dict[str, str],
+    count: int,
+    start,
+    end,
+    flagged_every: int = 0,
+    error_every: int = 0,
+) -> list[tuple]:
+    """``count`` allowed requests spread evenly over [start, end), round-robin over
+    ``orgs`` (slug -> tier); every ``flagged_every``-th is flagged, every
+    ``error_every``-th failed upstream."""
+    events = []
+    slugs = sorted(orgs)
+    step = (end - start) / count
+    for index in range(count):
+        org = slugs[index % len(slugs)]
+        fields = {}
+        if flagged_every and index % flagged_every == 0:
+            fields["flagged"] = True
+        if error_every and index % error_every == 0:
+            fields.update(status=502, error="upstream_error")
+        events.append(
+            usage_event(
+                at=start + step * index,
+                release=release,
+                stage=stage,
+                org=org,
+                tier=orgs[org],
+                request_id=f"req-{index}",
+                **fields,
+            )
+        )
+    return events

@@ -320,7 +320,7 @@ def test_update_snapshot_falls_back_to_a_full_load_for_unknown_changes(release, 
 
     snapshot = load_snapshot()
     with transaction.atomic():
-        audit.record("incident.filed", actor=None, object_type="incident", object_id="inc_1")
+        audit.record("widget.made", actor=None, object_type="widget", object_id="wid_1")
     assert access.snapshot.update_snapshot(snapshot) is None
 
 
