@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint format migrate bench clean
+.PHONY: install run test lint format migrate bench clean worker beat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ migrate: install
 run: migrate
 	$(BIN)/python manage.py seed_demo --if-empty
 	$(BIN)/python -m stagegate.serve --host $(HOST) --port $(PORT) --demo-upstream
+
+## Production background work (needs REDIS_URL): a Celery worker, and exactly one beat.
+worker: install
+	$(BIN)/celery -A stagegate worker --loglevel=INFO
+
+beat: install
+	mkdir -p $(or $(STAGEGATE_VAR_DIR),var)
+	$(BIN)/celery -A stagegate beat --loglevel=INFO --schedule $(or $(STAGEGATE_VAR_DIR),var)/celerybeat-schedule
 
 ## Run the test suite (embedded mode unless DATABASE_URL / REDIS_URL are set).
 test: install
