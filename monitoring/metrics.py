@@ -128,11 +128,12 @@ class ReleaseCollector:
         return []  # collected only on scrape: registering must not query the database
 
     def _families(self) -> list:
-        from django.db import close_old_connections
+        from django.db import close_old_connections, connection
 
         from rollout.status import release_status
 
-        close_old_connections()
+        if not connection.in_atomic_block:  # a scrape's thread may hold a dead connection
+            close_old_connections()
         stage = GaugeMetricFamily(
             "stagegate_release_stage",
             "Position of the release's current stage in its plan (0 = first); the stage label"

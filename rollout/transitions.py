@@ -85,7 +85,9 @@ def _transition(
     if to_state is not None:
         release.state = to_state
     release.version += 1
-    release.save(update_fields=["current_stage", "stage_entered_at", "state", "version"])
+    release.save(
+        update_fields=["current_stage", "stage_entered_at", "state", "version", "updated_at"]
+    )
     transition = StageTransition.objects.create(
         release=release,
         kind=kind,
