@@ -54,3 +54,4 @@ bench: install
 	$(BIN)/python bench/http_clients.py
 	$(BIN)/python bench/servers.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/reviews.py

@@ -417,11 +417,11 @@ def stage_totals(*, release: str, stage: str, since: datetime, until: datetime) 
 
 def window_totals(*, release: str, stage: str, minutes: int, now: datetime) -> Totals:
     """Usage of ``release`` in ``stage`` over the ``minutes`` whole minutes before the
-    minute of ``now`` (the current minute is still filling), from minute rows: a
-    tripwire's window."""
+    minute of ``now`` (the current minute is still filling): a tripwire's window. Read
+    like ``stage_totals``, so a day-long window costs 24 hour rows per org, not 1440
+    minute rows."""
     until = _floor(now, MINUTE)
-    since = until - minutes * MINUTE
-    return _rollup_totals(release, stage, _minutes(since, until), since, until)
+    return stage_totals(release=release, stage=stage, since=until - minutes * MINUTE, until=until)
 
 
 def raw_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:
