@@ -30,7 +30,7 @@ from stagegate.schedule import Periodic, beat_schedule, schedule
 from stagegate.scheduler import InProcessScheduler
 from tests.factories import make_org, traffic
 from tests.live import CeleryWorker, database_env, wait_until
-from tests.rollout.test_reviews import PARTNERS, PLAN
+from tests.rollout.test_reviews import PARTNERS, PLAN, healthy_traffic
 
 pytestmark = pytest.mark.usefixtures("live_db")
 
@@ -52,21 +52,6 @@ def worker():
 def mini(ada):
     apply_plan(PLAN, actor=ada)
     return Release.objects.get(name="atlas-mini")
-
-
-def backlog(release, *, hours: int, count: int, flagged_every: int = 0) -> None:
-    now = timezone.now()
-    write_events(
-        traffic(
-            release=release.name,
-            stage=release.current_stage,
-            orgs=PARTNERS,
-            count=count,
-            start=now - timedelta(hours=hours),
-            end=now - timedelta(seconds=1),
-            flagged_every=flagged_every,
-        )
-    )
 
 
 def totals(release, since):
@@ -94,7 +79,7 @@ def rollup_rows() -> list[tuple]:
 
 @needs_services
 def test_worker_rolls_up_usage(worker, mini):
-    backlog(mini, hours=5, count=3000)
+    healthy_traffic(mini, count=3000, minutes=300)
     since = timezone.now() - timedelta(hours=6)
 
     report = worker.run(rollup_usage)
@@ -108,10 +93,10 @@ def test_worker_rolls_up_usage(worker, mini):
 @needs_services
 def test_worker_killed_mid_rollup_then_rerun_gives_the_same_totals(worker, mini):
     since = timezone.now() - timedelta(hours=6)
-    backlog(mini, hours=5, count=2000)
+    healthy_traffic(mini, count=2000, minutes=300)
     rollup_pending()
     before = rollup_rows()
-    backlog(mini, hours=5, count=2000)  # new events in the same buckets
+    healthy_traffic(mini, count=2000, minutes=300)  # new events in the same buckets
     # Hold one hour bucket's row, so the worker's rollup stops inside its transaction
     # after it has rewritten the minute buckets, and kill it there.
     locked_hour = UsageRollup.objects.filter(bucket_seconds=3600).order_by("bucket_start").last()
@@ -209,7 +194,7 @@ def test_beat_and_in_process_scheduler_run_the_same_tasks():
 
 
 def test_in_process_scheduler_rolls_up_usage(mini):
-    backlog(mini, hours=1, count=500)
+    healthy_traffic(mini, count=500, minutes=60)
     since = timezone.now() - timedelta(hours=2)
     scheduler = InProcessScheduler([Periodic("stagegate.rollup_usage", 0.05)])
     scheduler.start()

@@ -525,3 +525,18 @@ def test_tripwire_below_min_requests_does_not_fire(mini):
     assert check_tripwires() == []
     mini.refresh_from_db()
     assert mini.state == "active"
+
+
+def test_review_release_command_stores_and_prints_the_review(mini, rita):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("review_release", "atlas-mini", "--as", "rita", stdout=out)
+
+    review = Review.objects.get()
+    assert review.requested_by == rita
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"{review.public_id}: atlas-mini in research_preview: hold")
+    assert lines[2] == "  FAIL min_requests: 0 admitted requests, 200 required (200 to go)"
