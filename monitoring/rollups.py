@@ -415,13 +415,19 @@ def stage_totals(*, release: str, stage: str, since: datetime, until: datetime) 
     return _rollup_totals(release, stage, where, since, until)
 
 
-def window_totals(*, release: str, stage: str, minutes: int, now: datetime) -> Totals:
+def window_totals(
+    *, release: str, stage: str, minutes: int, now: datetime, not_before: datetime | None = None
+) -> Totals:
     """Usage of ``release`` in ``stage`` over the ``minutes`` whole minutes before the
-    minute of ``now`` (the current minute is still filling): a tripwire's window. Read
+    minute of ``now`` (the current minute is still filling): a tripwire's window,
+    starting no earlier than the first whole minute at or after ``not_before``. Read
     like ``stage_totals``, so a day-long window costs 24 hour rows per org, not 1440
     minute rows."""
     until = _floor(now, MINUTE)
-    return stage_totals(release=release, stage=stage, since=until - minutes * MINUTE, until=until)
+    since = until - minutes * MINUTE
+    if not_before is not None:
+        since = min(until, max(since, _ceil(_utc(not_before), MINUTE)))
+    return stage_totals(release=release, stage=stage, since=since, until=until)
 
 
 def raw_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:

@@ -27,6 +27,8 @@ from rollout.models import (
     ReleaseState,
     Review,
     ReviewTrigger,
+    StageTransition,
+    TransitionKind,
 )
 from rollout.plan_schema import RolloutPlanDoc, StagePolicy
 from rollout.plans import plan_doc
@@ -94,6 +96,23 @@ def open_incidents(release: Release) -> list[criteria.Incident]:
     ]
 
 
+def armed_since(release: Release) -> datetime:
+    """Since when the release has been serving its current stage: entering the stage,
+    or the last resume after that. Rate tripwires count traffic from then on only, so a
+    resumed release is not paused again at once for the traffic that paused it."""
+    resumed = (
+        StageTransition.objects.filter(
+            release=release,
+            kind=TransitionKind.RESUME,
+            created_at__gte=release.stage_entered_at,
+        )
+        .order_by("-created_at")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    return max(release.stage_entered_at, resumed) if resumed else release.stage_entered_at
+
+
 def check_tripwires(
     release: Release,
     stage: StagePolicy,
@@ -101,8 +120,10 @@ def check_tripwires(
     incidents: list[criteria.Incident],
     now: datetime,
 ) -> list[criteria.TripwireResult]:
-    """Every tripwire of the stage judged now (rates over their own windows)."""
+    """Every tripwire of the stage judged now (rates over their own windows, from
+    ``armed_since`` at the earliest)."""
     results = []
+    start = armed_since(release)
     for tripwire in stage.tripwires:
         window = None
         if tripwire.metric != "incident":
@@ -111,6 +132,7 @@ def check_tripwires(
                 stage=stage.name,
                 minutes=tripwire.window_minutes,
                 now=now,
+                not_before=start,
             )
             window = as_telemetry(totals)
         results.append(

@@ -335,6 +335,21 @@ def resume(release: Release, *, actor, reason: str) -> StageTransition | None:
         release = _locked(release)
         if release.state != ReleaseState.PAUSED:
             return None
+        # An open incident that an incident tripwire acts on would pause it again.
+        stage = plan_doc(release.active_plan).stage(release.current_stage)
+        floors = [t.severity for t in stage.tripwires if t.metric == "incident"] if stage else []
+        tripping = [
+            public_id
+            for public_id, severity in Incident.objects.filter(
+                release=release, stage=release.current_stage, status=IncidentStatus.OPEN
+            ).values_list("public_id", "severity")
+            if any(severity_at_least(severity, floor) for floor in floors)
+        ]
+        if tripping:
+            raise Refused(
+                "open_incident",
+                f"resolve {', '.join(tripping)} first: an incident tripwire acts on it",
+            )
         return _transition(
             release,
             kind=TransitionKind.RESUME,

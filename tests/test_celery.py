@@ -146,6 +146,10 @@ def test_worker_tripwire_pauses_release_and_proxy_refuses_next_request(
     worker, proxy_server, demo_upstream, ada
 ):
     apply_plan(PLAN.replace("http://127.0.0.1:9/v1", demo_upstream.base_url), actor=ada)
+    # In its first stage for an hour; the synthetic flag spike is the last 20 minutes.
+    Release.objects.filter(name="atlas-mini").update(
+        stage_entered_at=timezone.now() - timedelta(hours=1)
+    )
     org = make_org("northwind-research", "research_partner")
     key = issue_key(organization=org, name="ci", actor=ada).raw_key
     proxy_server.wait_synced()

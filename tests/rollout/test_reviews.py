@@ -506,6 +506,8 @@ def test_flag_rate_tripwire_rolls_back_from_commercial(mini, ada, rita, ruth):
     review = review_now(mini)
     transitions.approve(review, reviewer=rita)
     transitions.approve(review, reviewer=ruth)
+    # In commercial for an hour, the last half of it with a flag spike.
+    Release.objects.filter(pk=mini.pk).update(stage_entered_at=timezone.now() - timedelta(hours=1))
     mini.refresh_from_db()
     healthy_traffic(mini, count=100, flagged_every=2, minutes=30)
 
@@ -540,3 +542,28 @@ def test_review_release_command_stores_and_prints_the_review(mini, rita):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith(f"{review.public_id}: atlas-mini in research_preview: hold")
     assert lines[2] == "  FAIL min_requests: 0 admitted requests, 200 required (200 to go)"
+
+
+def test_resumed_release_is_not_paused_again_for_the_traffic_that_paused_it(mini, ada):
+    healthy_traffic(mini, count=100, flagged_every=2, minutes=30)
+    check_tripwires()
+    transitions.resume(mini, actor=ada, reason="filter fixed")
+
+    assert check_tripwires() == []
+    mini.refresh_from_db()
+    assert mini.state == "active"
+
+
+def test_resume_is_refused_while_a_tripping_incident_is_open(mini, ada, rita):
+    from rollout.incidents import file_incident, resolve_incident
+
+    incident = file_incident(mini, severity="high", title="data leak", actor=rita)
+    transitions.pause(mini, actor=ada, reason="data leak")
+
+    with pytest.raises(transitions.Refused) as refused:
+        transitions.resume(mini, actor=ada, reason="back")
+    resolve_incident(incident, actor=rita, resolution="prompt filter deployed")
+    resumed = transitions.resume(mini, actor=ada, reason="back")
+
+    assert refused.value.code == "open_incident"
+    assert resumed.to_state == "active"
