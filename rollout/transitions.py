@@ -24,8 +24,6 @@ from access.roles import REVIEWER, is_rollout_admin, staff_roles
 from monitoring import audit
 from rollout.models import (
     Approval,
-    Incident,
-    IncidentStatus,
     Recommendation,
     Release,
     ReleaseState,
@@ -36,6 +34,7 @@ from rollout.models import (
 )
 from rollout.plan_schema import severity_at_least
 from rollout.plans import plan_doc
+from rollout.reviews import open_incidents
 from stagegate.errors import Refused
 
 
@@ -50,6 +49,16 @@ def _locked(release: Release) -> Release:
 def _user(actor):
     """The user behind ``actor``, or None for a system actor (``"system:tripwire"``)."""
     return actor if getattr(actor, "pk", None) else None
+
+
+def _open_incidents_at_or_above(release: Release, floors: list[str]) -> list[str]:
+    """Ids of the open incidents of the release's current stage at or above any floor."""
+    return [
+        incident.public_id
+        for incident in open_incidents(release)
+        if incident.stage == release.current_stage
+        and any(severity_at_least(incident.severity, floor) for floor in floors)
+    ]
 
 
 def _require_rollout_admin(actor) -> None:
@@ -259,14 +268,7 @@ def _advance(review: Review, release: Release, *, actor) -> StageTransition:
     stage = doc.stage(release.current_stage)
     # An incident filed after the review still blocks the exit.
     floor = stage.exit_criteria.block_on_incident_severity if stage.exit_criteria else "high"
-    blocking = [
-        public_id
-        for public_id, severity in Incident.objects.filter(
-            release=release, stage=release.current_stage, status=IncidentStatus.OPEN
-        ).values_list("public_id", "severity")
-        if severity_at_least(severity, floor)
-    ]
-    if blocking:
+    if blocking := _open_incidents_at_or_above(release, [floor]):
         raise Refused("open_incident", f"open incident blocks the exit: {', '.join(blocking)}")
     next_stage = doc.next_stage(release.current_stage)
     if next_stage is None:
@@ -338,14 +340,7 @@ def resume(release: Release, *, actor, reason: str) -> StageTransition | None:
         # An open incident that an incident tripwire acts on would pause it again.
         stage = plan_doc(release.active_plan).stage(release.current_stage)
         floors = [t.severity for t in stage.tripwires if t.metric == "incident"] if stage else []
-        tripping = [
-            public_id
-            for public_id, severity in Incident.objects.filter(
-                release=release, stage=release.current_stage, status=IncidentStatus.OPEN
-            ).values_list("public_id", "severity")
-            if any(severity_at_least(severity, floor) for floor in floors)
-        ]
-        if tripping:
+        if tripping := _open_incidents_at_or_above(release, floors):
             raise Refused(
                 "open_incident",
                 f"resolve {', '.join(tripping)} first: an incident tripwire acts on it",
