@@ -119,14 +119,19 @@ def check_tripwires(
     *,
     incidents: list[criteria.Incident],
     now: datetime,
+    incidents_only: bool = False,
 ) -> list[criteria.TripwireResult]:
     """Every tripwire of the stage judged now (rates over their own windows, from
-    ``armed_since`` at the earliest)."""
+    ``armed_since`` at the earliest), or only its incident tripwires, which read no
+    telemetry."""
     results = []
-    start = armed_since(release)
+    start = None
     for tripwire in stage.tripwires:
         window = None
         if tripwire.metric != "incident":
+            if incidents_only:
+                continue
+            start = start or armed_since(release)
             totals = window_totals(
                 release=release.name,
                 stage=stage.name,

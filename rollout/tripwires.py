@@ -70,8 +70,10 @@ def _check(release: Release, *, now: datetime, incidents_only: bool) -> Fired | 
     incidents = open_incidents(release)
     results = [
         result
-        for result in judge_tripwires(release, stage, incidents=incidents, now=now)
-        if result.fired and (result.metric == "incident" or not incidents_only)
+        for result in judge_tripwires(
+            release, stage, incidents=incidents, now=now, incidents_only=incidents_only
+        )
+        if result.fired
     ]
     if not results:
         return None
