@@ -97,9 +97,11 @@ def test_worker_killed_mid_rollup_then_rerun_gives_the_same_totals(worker, mini)
     rollup_pending()
     before = rollup_rows()
     healthy_traffic(mini, count=2000, minutes=300)  # new events in the same buckets
-    # Hold one hour bucket's row, so the worker's rollup stops inside its transaction
-    # after it has rewritten the minute buckets, and kill it there.
-    locked_hour = UsageRollup.objects.filter(bucket_seconds=3600).order_by("bucket_start").last()
+    # Hold the earliest hour bucket's row, so the worker's rollup stops inside its FIRST
+    # chunk's transaction after it has rewritten that chunk's minute buckets, and kill it
+    # there. (The last hour would let the earlier chunks commit whenever the five hours of
+    # traffic cross the 6-hour chunk grid, i.e. at some times of day.)
+    locked_hour = UsageRollup.objects.filter(bucket_seconds=3600).order_by("bucket_start").first()
     dsn = database_env()["DATABASE_URL"].replace("postgres://", "postgresql://")
     with psycopg.connect(dsn) as blocker, psycopg.connect(dsn, autocommit=True) as watcher:
         blocker.execute(
