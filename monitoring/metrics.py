@@ -93,6 +93,16 @@ USAGE_DROPPED = Counter(
     "stagegate_usage_events_dropped",
     "Usage events dropped because the buffer was full while the database was unreachable.",
 )
+USAGE_REJECTED = Counter(
+    "stagegate_usage_events_rejected",
+    "Usage events the database refused on their own (not for an outage), set aside so the"
+    " rest of their batch is written.",
+)
+UNSETTLED = Counter(
+    "stagegate_proxy_reservations_unsettled",
+    "Token reservations that could not be settled after the call (they expire with their"
+    " window).",
+)
 USAGE_PENDING = Gauge(
     "stagegate_usage_events_pending",
     "Usage events buffered in a worker, not yet written.",
