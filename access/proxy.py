@@ -201,16 +201,7 @@ class Proxy:
             if changed and snapshot.changed_at is not None:  # from commit to serving
                 metrics.INVALIDATION_LAG.observe(max(0.0, time.time() - snapshot.changed_at))
 
-        if settings.REDIS_URL:
-            import redis.asyncio as aioredis
-
-            limiter = RedisLimiter(
-                aioredis.from_url(
-                    settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5
-                )
-            )
-        else:
-            limiter = LocalLimiter()
+        limiter = RedisLimiter.from_settings() if settings.REDIS_URL else LocalLimiter()
         recorder = UsageRecorder(
             flush_interval=settings.STAGEGATE_USAGE_FLUSH_SECONDS,
             batch_size=settings.STAGEGATE_USAGE_BATCH_SIZE,

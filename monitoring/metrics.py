@@ -74,6 +74,11 @@ UNAVAILABLE = Counter(
     "Requests refused with 503 because a store could not be reached (fail closed).",
     ["store"],
 )
+LIMIT_COUNTERS_LOST = Counter(
+    "stagegate_proxy_limit_counters_lost",
+    "Times a worker found the rate-limit counters gone (Redis restarted without its data,"
+    " was flushed or failed over); the rest of that minute is refused.",
+)
 SNAPSHOT_RELOADS = Counter(
     "stagegate_proxy_snapshot_reloads",
     "Times a worker loaded a new snapshot of keys, organizations and releases.",

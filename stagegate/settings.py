@@ -225,6 +225,11 @@ STAGEGATE_USAGE_FLUSH_SECONDS = env_float("STAGEGATE_USAGE_FLUSH_SECONDS", 1.0, 
 STAGEGATE_USAGE_BATCH_SIZE = env_int("STAGEGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, minimum=1)
 # /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
+# The rate limiter's Redis connections per worker. Each call holds one for a single
+# script round trip; callers beyond this wait up to STAGEGATE_REDIS_POOL_TIMEOUT
+# seconds for one (then 503 limits_unavailable) instead of being refused at once.
+STAGEGATE_REDIS_MAX_CONNECTIONS = env_int("STAGEGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
+STAGEGATE_REDIS_POOL_TIMEOUT = env_float("STAGEGATE_REDIS_POOL_TIMEOUT", 2.0, minimum=0.01)
 STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
 
 # --- Background work: Celery on Redis, or the in-process scheduler -------------------------

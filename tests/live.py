@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +177,51 @@ class ProxyServer:
 
     def stop(self, sig=signal.SIGTERM) -> int:
         return self.process.stop(sig)
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, for tests that restart or kill it (the
+    shared Redis is never touched). ``appendonly`` turns on the persistence
+    docs/operations.md recommends; without it a restart loses everything."""
+
+    def __init__(self, *, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed: no private Redis to restart")
+        self.binary = binary
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="stagegate-redis-")
+        self.process = self._start()
+
+    def _start(self) -> Process:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
+        args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        if self.appendonly:
+            args += ["--appendfsync", "everysec"]
+        process = Process(args, dict(os.environ), "redis-")
+        wait_until(self._answers, timeout=15, what=f"redis-server on port {self.port}")
+        return process
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            with redis.Redis(port=self.port, socket_timeout=1) as client:
+                return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    def restart(self, sig=signal.SIGTERM) -> None:
+        """Stop it (SIGTERM: a clean shutdown; SIGKILL: a crash) and start it again on the
+        same port, with whatever its persistence kept."""
+        self.process.stop(sig)
+        self.process = self._start()
+
+    def stop(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class CeleryWorker:

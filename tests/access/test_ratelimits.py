@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -20,6 +22,7 @@ import redis.asyncio
 from access.ratelimits import (
     ALLOWED,
     DAY,
+    MARKER_TTL,
     MINUTE,
     RPM,
     TPD,
@@ -29,8 +32,10 @@ from access.ratelimits import (
     LocalLimiter,
     RedisLimiter,
     Reservation,
+    redis_client,
 )
 from rollout.plan_schema import TierLimits
+from tests.live import RedisServer
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 SCOPE = "atlas-2:org_northwind"
@@ -408,10 +413,12 @@ def test_redis_every_key_written_has_a_ttl(redis_prefix):
             f"{redis_prefix}{SCOPE}:d{day}",
             f"{redis_prefix}atlas-2:org_other:m{minute}",
             f"{redis_prefix}atlas-2:org_other:d{day}",
+            f"{redis_prefix}marker",
         ]
     )
     for key, ttl in ttls.items():
-        limit = 2 * MINUTE if ":m" in key.removeprefix(redis_prefix) else DAY + MINUTE
+        name = key.removeprefix(redis_prefix)
+        limit = MARKER_TTL if name == "marker" else 2 * MINUTE if ":m" in name else DAY + MINUTE
         assert 0 < ttl <= limit, key
 
 
@@ -431,7 +438,7 @@ def test_redis_settle_on_expired_window_creates_no_key(redis_prefix):
 
 
 @needs_redis
-def test_redis_refused_acquire_writes_no_key(redis_prefix):
+def test_redis_refused_acquire_writes_no_counter(redis_prefix):
     backend = Backend("redis", redis_prefix)
 
     async def scenario(limiter):
@@ -440,7 +447,7 @@ def test_redis_refused_acquire_writes_no_key(redis_prefix):
         )
 
     assert _run(backend, scenario).outcome == TPM
-    assert _redis_ttls(redis_prefix) == {}
+    assert list(_redis_ttls(redis_prefix)) == [f"{redis_prefix}marker"]
 
 
 def test_redis_unreachable_raises_limiter_unavailable():
@@ -454,3 +461,257 @@ def test_redis_unreachable_raises_limiter_unavailable():
             await limiter.close()
 
     asyncio.run(main())
+
+
+# --- the connection pool (issue 13, defect 4) ------------------------------------------
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def _connected_clients(url: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        return client.info("clients")["connected_clients"] - 1  # this one
+
+
+def test_redis_callers_beyond_the_pool_wait_for_a_connection(private_redis):
+    limits = _limits(requests_per_minute=1000, tokens_per_minute=100_000, tokens_per_day=100_000)
+
+    async def main():
+        client = redis_client(private_redis.url, max_connections=4, pool_timeout=5)
+        limiter = RedisLimiter(client, prefix="sgtest:pool:")
+        try:
+            results = await asyncio.gather(
+                *(limiter.acquire(SCOPE, limits, 1, T) for _ in range(300))
+            )
+            return results, _connected_clients(private_redis.url)
+        finally:
+            await limiter.close()
+
+    results, connections = asyncio.run(main())
+    assert [result.outcome for result in results] == [ALLOWED] * 300
+    assert sorted(result.requests for result in results) == list(range(1, 301))
+    assert connections <= 4
+
+
+def test_redis_wait_for_a_pooled_connection_is_bounded(private_redis):
+    async def main():
+        client = redis_client(private_redis.url, max_connections=1, pool_timeout=0.2)
+        limiter = RedisLimiter(client, prefix="sgtest:pool:")
+        try:
+            held = await client.connection_pool.get_connection()
+            started = time.monotonic()
+            with pytest.raises(LimiterUnavailable, match="No connection available"):
+                await limiter.acquire(SCOPE, LIMITS, 1, T)
+            waited = time.monotonic() - started
+            await client.connection_pool.release(held)
+            return waited, await limiter.acquire(SCOPE, LIMITS, 1, T)
+        finally:
+            await limiter.close()
+
+    waited, after = asyncio.run(main())
+    assert 0.2 <= waited < 1.0
+    assert after.outcome == ALLOWED
+
+
+def test_redis_restart_fails_no_call_on_a_dead_pooled_connection(private_redis):
+    """After a restart every pooled connection is dead; each is retried once on a new
+    one, so no call fails (the calls are refused as lost counters, see below)."""
+    limits = _limits(requests_per_minute=1000, tokens_per_minute=100_000, tokens_per_day=100_000)
+
+    async def main():
+        client = redis_client(private_redis.url, max_connections=8, pool_timeout=2)
+        limiter = RedisLimiter(client, prefix="sgtest:restart:")
+        try:
+            await asyncio.gather(*(limiter.acquire(SCOPE, limits, 1, T) for _ in range(64)))
+            pooled = _connected_clients(private_redis.url)
+            await asyncio.to_thread(private_redis.restart)
+            after = await asyncio.gather(
+                *(limiter.acquire(SCOPE, limits, 1, T + 1) for _ in range(50)),
+                return_exceptions=True,
+            )
+            later = await limiter.acquire(SCOPE, limits, 1, T + MINUTE)
+            return pooled, after, later
+        finally:
+            await limiter.close()
+
+    pooled, after, later = asyncio.run(main())
+    assert pooled == 8  # every pooled connection was in use, so all eight died
+    assert [getattr(result, "outcome", result) for result in after] == [RPM] * 50
+    assert (later.outcome, later.requests) == (ALLOWED, 1)
+
+
+def test_redis_settle_on_a_dead_redis_raises_limiter_unavailable(private_redis):
+    async def main():
+        client = redis_client(private_redis.url, max_connections=2, pool_timeout=1)
+        limiter = RedisLimiter(client, prefix="sgtest:settle:")
+        try:
+            first = await limiter.acquire(SCOPE, LIMITS, 100, T)
+            second = await limiter.acquire(SCOPE, LIMITS, 100, T)
+            await asyncio.to_thread(private_redis.process.stop)
+            await limiter.settle(second.reservation, 100)  # nothing to settle: no call
+            with pytest.raises(LimiterUnavailable, match="rate limit store unreachable"):
+                await limiter.settle(first.reservation, 10)
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+# --- lost counters (issue 13, defect 9) ------------------------------------------------
+
+RPM_60 = _limits(requests_per_minute=60, tokens_per_minute=100_000, tokens_per_day=100_000)
+
+
+def _flush(prefix: str) -> None:
+    """What a Redis restart without persistence does to this test's keys."""
+    with redis.Redis.from_url(REDIS_URL) as client:
+        client.delete(*client.keys(f"{prefix}*"))
+
+
+def _worker(prefix: str, lost: list[str], name: str) -> RedisLimiter:
+    """A limiter as one worker process has it, noting when it notices lost counters."""
+    return RedisLimiter(
+        redis.asyncio.from_url(REDIS_URL),
+        prefix=prefix,
+        on_counters_lost=lambda: lost.append(name),
+    )
+
+
+@needs_redis
+def test_redis_lost_counters_refuse_every_scope_for_the_rest_of_the_minute(redis_prefix):
+    lost: list[str] = []
+
+    async def main():
+        worker, other = _worker(redis_prefix, lost, "worker"), _worker(redis_prefix, lost, "other")
+        try:
+            before = [await worker.acquire(SCOPE, RPM_60, 1, T) for _ in range(52)]
+            await other.acquire("atlas-2:org_b", RPM_60, 1, T)
+            await asyncio.to_thread(_flush, redis_prefix)
+            after = [await worker.acquire(SCOPE, RPM_60, 1, T + 1 + n / 10) for n in range(60)]
+            other_scope = await other.acquire("atlas-2:org_b", RPM_60, 1, T + 30)
+            newcomer = _worker(redis_prefix, lost, "newcomer")  # started after the loss
+            try:
+                new_worker = await newcomer.acquire(SCOPE, RPM_60, 1, T + 40)
+            finally:
+                await newcomer.close()
+            next_minute = await worker.acquire(SCOPE, RPM_60, 1, T + MINUTE)
+            return before, after, other_scope, new_worker, next_minute
+        finally:
+            await worker.close()
+            await other.close()
+
+    before, after, other_scope, new_worker, next_minute = asyncio.run(main())
+    assert [result.outcome for result in before] == [ALLOWED] * 52
+    # 52 admitted before the loss and none after: the minute's limit of 60 holds.
+    assert {(r.outcome, r.requests, r.reservation) for r in after} == {(RPM, 60, None)}
+    assert after[0].retry_after == 44
+    assert dict(after[0].headers())[b"x-ratelimit-remaining-requests"] == b"0"
+    assert (other_scope.outcome, new_worker.outcome) == (RPM, RPM)
+    assert (next_minute.outcome, next_minute.requests) == (ALLOWED, 1)
+    assert lost == ["worker"]
+
+
+@needs_redis
+def test_redis_lost_counters_are_noticed_after_a_new_worker_recreated_the_marker(redis_prefix):
+    lost: list[str] = []
+
+    async def main():
+        old, new = _worker(redis_prefix, lost, "old"), _worker(redis_prefix, lost, "new")
+        try:
+            await old.acquire(SCOPE, RPM_60, 1, T)
+            await asyncio.to_thread(_flush, redis_prefix)
+            # The new worker has never seen the counters: to it this is a first start.
+            first = await new.acquire(SCOPE, RPM_60, 1, T + 1)
+            noticed = await old.acquire(SCOPE, RPM_60, 1, T + 2)
+            then = await new.acquire(SCOPE, RPM_60, 1, T + 3)
+            return first, noticed, then
+        finally:
+            await old.close()
+            await new.close()
+
+    first, noticed, then = asyncio.run(main())
+    assert (first.outcome, noticed.outcome, then.outcome) == (ALLOWED, RPM, RPM)
+    assert lost == ["old"]
+
+
+@needs_redis
+def test_redis_first_start_and_a_marker_expired_by_idleness_are_not_a_loss(redis_prefix):
+    lost: list[str] = []
+
+    async def main():
+        first, second = _worker(redis_prefix, lost, "first"), _worker(redis_prefix, lost, "second")
+        try:
+            started = [
+                await first.acquire(SCOPE, RPM_60, 1, T),
+                await second.acquire(SCOPE, RPM_60, 1, T),
+            ]
+            # Nothing for longer than the marker lives: it expired, as every counter did.
+            await asyncio.to_thread(_flush, redis_prefix)
+            idle = await first.acquire(SCOPE, RPM_60, 1, T + MARKER_TTL + 1)
+            return started, idle
+        finally:
+            await first.close()
+            await second.close()
+
+    started, idle = asyncio.run(main())
+    assert [result.requests for result in started] == [1, 2]
+    assert (idle.outcome, idle.requests) == (ALLOWED, 1)
+    assert lost == []
+
+
+def test_redis_restart_without_persistence_is_noticed_once(private_redis):
+    lost: list[str] = []
+
+    async def main():
+        client = redis_client(private_redis.url, max_connections=8, pool_timeout=2)
+        limiter = RedisLimiter(client, prefix="sg:rl:", on_counters_lost=lambda: lost.append(1))
+        try:
+            before = await asyncio.gather(
+                *(limiter.acquire(SCOPE, RPM_60, 1, T) for _ in range(52))
+            )
+            await asyncio.to_thread(private_redis.restart)
+            after = await asyncio.gather(
+                *(limiter.acquire(SCOPE, RPM_60, 1, T + 1) for _ in range(20))
+            )
+            return before, after
+        finally:
+            await limiter.close()
+
+    before, after = asyncio.run(main())
+    assert sum(result.allowed for result in before) == 52
+    assert [result.outcome for result in after] == [RPM] * 20
+    assert lost == [1]
+
+
+def test_redis_crash_with_appendonly_keeps_the_counters():
+    """appendonly yes, appendfsync everysec (docs/operations.md): a killed redis-server
+    comes back with every count it had acknowledged, so nothing is lost or refused."""
+    server = RedisServer(appendonly=True)
+    lost: list[str] = []
+
+    async def main():
+        client = redis_client(server.url, max_connections=8, pool_timeout=2)
+        limiter = RedisLimiter(client, prefix="sg:rl:", on_counters_lost=lambda: lost.append(1))
+        try:
+            before = await asyncio.gather(
+                *(limiter.acquire(SCOPE, RPM_60, 1, T) for _ in range(52))
+            )
+            await asyncio.to_thread(server.restart, signal.SIGKILL)
+            after = [await limiter.acquire(SCOPE, RPM_60, 1, T + 1) for _ in range(20)]
+            return before, after
+        finally:
+            await limiter.close()
+
+    try:
+        before, after = asyncio.run(main())
+    finally:
+        server.stop()
+    assert sum(result.allowed for result in before) == 52
+    assert [result.outcome for result in after] == [ALLOWED] * 8 + [RPM] * 12
+    assert after[7].requests == 60
+    assert lost == []
