@@ -218,6 +218,11 @@ STAGEGATE_UPSTREAM_CONNECT_TIMEOUT = env_float(
 # Longest silence between two bytes of an upstream response (not the whole response).
 STAGEGATE_UPSTREAM_READ_TIMEOUT = env_float("STAGEGATE_UPSTREAM_READ_TIMEOUT", 120.0, minimum=0.01)
 STAGEGATE_UPSTREAM_MAX_CONNECTIONS = env_int("STAGEGATE_UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
+# The rate limiter's Redis connections per worker. Each call holds one for a single
+# script round trip; callers beyond this wait up to STAGEGATE_REDIS_POOL_TIMEOUT
+# seconds for one (then 503 limits_unavailable) instead of being refused at once.
+STAGEGATE_REDIS_MAX_CONNECTIONS = env_int("STAGEGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
+STAGEGATE_REDIS_POOL_TIMEOUT = env_float("STAGEGATE_REDIS_POOL_TIMEOUT", 2.0, minimum=0.01)
 # Sent as "Authorization: Bearer ..." to every upstream; plans never hold secrets.
 STAGEGATE_UPSTREAM_API_KEY = env_str("STAGEGATE_UPSTREAM_API_KEY", "")
 # Usage events: written every FLUSH seconds or BATCH events, whichever comes first.
@@ -225,11 +230,6 @@ STAGEGATE_USAGE_FLUSH_SECONDS = env_float("STAGEGATE_USAGE_FLUSH_SECONDS", 1.0, 
 STAGEGATE_USAGE_BATCH_SIZE = env_int("STAGEGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, minimum=1)
 # /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
-# The rate limiter's Redis connections per worker. Each call holds one for a single
-# script round trip; callers beyond this wait up to STAGEGATE_REDIS_POOL_TIMEOUT
-# seconds for one (then 503 limits_unavailable) instead of being refused at once.
-STAGEGATE_REDIS_MAX_CONNECTIONS = env_int("STAGEGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
-STAGEGATE_REDIS_POOL_TIMEOUT = env_float("STAGEGATE_REDIS_POOL_TIMEOUT", 2.0, minimum=0.01)
 STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
 
 # --- Background work: Celery on Redis, or the in-process scheduler -------------------------
