@@ -69,6 +69,12 @@ CLIENT_DISCONNECTS = Counter(
     "Streams the client left before the end.",
     ["release"],
 )
+SLOW_CLIENTS = Counter(
+    "stagegate_slow_clients_cut",
+    "Requests cut off because their headers or body did not arrive in time (any route),"
+    " by phase: headers or body.",
+    ["phase"],
+)
 UNAVAILABLE = Counter(
     "stagegate_proxy_unavailable",
     "Requests refused with 503 because a store could not be reached (fail closed).",

@@ -4,7 +4,9 @@ The proxy (``access.proxy``) answers ``/v1/...``, ``/authz``, ``/healthz`` and
 ``/metrics`` without Django's request machinery, which alone costs more than the
 proxy's whole latency budget (docs/performance.md); the admin, REST API and docs
 are Django's. Lifespan events start and stop the proxy's per-worker resources, and
-in embedded mode the in-process scheduler of the periodic tasks.
+in embedded mode the in-process scheduler of the periodic tasks. Every request's body
+must arrive within ``STAGEGATE_BODY_TIMEOUT`` (``stagegate.deadlines``), or it is
+answered 408 ``request_timeout``.
 """
 
 import asyncio
@@ -15,11 +17,38 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "stagegate.settings")
 django_application = get_asgi_application()
 
-from access.proxy import Proxy  # noqa: E402 - needs Django set up first
+import orjson  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from access.proxy import HTTPError, Proxy  # noqa: E402 - needs Django set up first
+from stagegate.deadlines import CONNECTION_CLOSE, BodyDeadline, BodyTimedOut  # noqa: E402
 from stagegate.scheduler import scheduler_from_settings  # noqa: E402
 
 proxy = Proxy.from_settings()
 PROXY_PREFIXES = ("/v1/", "/authz", "/healthz", "/metrics")
+BODY_TIMEOUT = settings.STAGEGATE_BODY_TIMEOUT
+_BODY_LATE = f"The request body did not arrive within {BODY_TIMEOUT:g} s."
+# Django's 408, in the REST API's error shape; the connection is closed after it, since
+# the rest of the body may still be on its way.
+# (stagegate.api.error_body's shape, written out: DRF's settings name classes in
+# stagegate.api, so importing it before Django has loaded DRF can be circular.)
+_DJANGO_TIMEOUT = orjson.dumps({"error": {"code": "request_timeout", "message": _BODY_LATE}})
+_DJANGO_TIMEOUT_START = {
+    "type": "http.response.start",
+    "status": 408,
+    "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(_DJANGO_TIMEOUT)),
+        CONNECTION_CLOSE,
+    ],
+}
+_DJANGO_TIMEOUT_BODY = {"type": "http.response.body", "body": _DJANGO_TIMEOUT}
+
+
+def _proxy_body_late() -> HTTPError:
+    # Raised inside the proxy's body read, so the call is answered and recorded as any
+    # other refusal (status 408, reason request_timeout).
+    return HTTPError(408, "request_timeout", _BODY_LATE, headers=[CONNECTION_CLOSE])
 
 
 async def application(scope, receive, send):
@@ -31,7 +60,13 @@ async def application(scope, receive, send):
         finally:
             if scheduler is not None:
                 await asyncio.to_thread(scheduler.stop)
-    elif scope["type"] == "http" and scope["path"].startswith(PROXY_PREFIXES):
-        await proxy(scope, receive, send)
-    else:
+    elif scope["type"] != "http":
         await django_application(scope, receive, send)
+    elif scope["path"].startswith(PROXY_PREFIXES):
+        await proxy(scope, BodyDeadline(receive, BODY_TIMEOUT, _proxy_body_late).receive, send)
+    else:
+        body = BodyDeadline(receive, BODY_TIMEOUT, BodyTimedOut)
+        await django_application(scope, body.receive, send)
+        if body.expired:  # Django returned without answering (stagegate/deadlines.py)
+            await send(_DJANGO_TIMEOUT_START)
+            await send(_DJANGO_TIMEOUT_BODY)

@@ -5,7 +5,8 @@ Runs uvicorn (uvloop + httptools, measured in docs/performance.md) on
 worker processes share: a fresh directory for Prometheus' multiprocess files. With
 ``--demo-upstream`` it also starts the built-in demo model server
 (``stagegate.demo_upstream``) beside it and stops it on exit, so ``make run`` gives a
-new user a model to call at once.
+new user a model to call at once. Slow clients are cut off and open connections
+bounded (``stagegate.deadlines``, the ``STAGEGATE_HEADER_TIMEOUT`` family of settings).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo upstream on http://127.0.0.1:{args.demo_port}/v1", flush=True)
     import uvicorn
 
+    from stagegate.deadlines import DeadlineHttpToolsProtocol
+
     print(f"Stagegate on http://{args.host}:{args.port} ({args.workers} worker(s))", flush=True)
     try:
         uvicorn.run(
@@ -91,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            # httptools, with deadlines on slow clients' headers (stagegate/deadlines.py)
+            http=DeadlineHttpToolsProtocol,
+            # uvicorn answers 503 once open connections reach its limit, counting the
+            # one asking: +1 serves exactly STAGEGATE_MAX_CONNECTIONS.
+            limit_concurrency=settings.STAGEGATE_MAX_CONNECTIONS + 1,
+            backlog=settings.STAGEGATE_BACKLOG,
             lifespan="on",
             access_log=args.access_log,
             log_level="info",

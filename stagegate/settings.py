@@ -232,6 +232,16 @@ STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, mini
 # /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
 STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
 
+# Slow clients (stagegate/deadlines.py, docs/operations.md), per worker process.
+# A request's line and headers must arrive within this of the connection opening or of
+# the request's first byte, and its whole body within BODY_TIMEOUT of the first read.
+STAGEGATE_HEADER_TIMEOUT = env_float("STAGEGATE_HEADER_TIMEOUT", 10.0, minimum=0.1)
+STAGEGATE_BODY_TIMEOUT = env_float("STAGEGATE_BODY_TIMEOUT", 30.0, minimum=0.1)
+# Requests on connections beyond this many open ones get 503; the kernel queues up to
+# BACKLOG connections not yet accepted.
+STAGEGATE_MAX_CONNECTIONS = env_int("STAGEGATE_MAX_CONNECTIONS", 1000, minimum=1)
+STAGEGATE_BACKLOG = env_int("STAGEGATE_BACKLOG", 2048, minimum=1)
+
 # --- Background work: Celery on Redis, or the in-process scheduler -------------------------
 # The same task functions run on the same schedule (stagegate/schedule.py) either way:
 # "celery" needs a worker and beat (README); "in_process" runs them in a thread of the
