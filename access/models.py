@@ -5,6 +5,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db import models
 
+from monitoring.redaction import RedactedCharField, RedactedTextField
 from stagegate.ids import new_key_public_id, new_membership_id, new_org_id, new_verification_id
 
 
@@ -22,7 +23,7 @@ class Organization(models.Model):
 
     public_id = models.CharField(max_length=24, unique=True, default=new_org_id, editable=False)
     slug = models.SlugField(max_length=63, unique=True)
-    name = models.CharField(max_length=200)
+    name = RedactedCharField(max_length=200)
     tier = models.CharField(max_length=32, choices=Tier.choices, default=Tier.PUBLIC)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -64,7 +65,7 @@ class Verification(models.Model):
     verified_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    evidence_note = models.TextField(blank=True)
+    evidence_note = RedactedTextField(blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
@@ -121,14 +122,14 @@ class ApiKey(models.Model):
     key_id = models.CharField(max_length=16, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="keys")
-    name = models.CharField(max_length=100)
+    name = RedactedCharField(max_length=100)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
-    revoked_reason = models.CharField(max_length=200, blank=True)
+    revoked_reason = RedactedCharField(max_length=200, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     rotated_from = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotated_to"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -21,16 +20,16 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from monitoring.models import AuditEvent
+from monitoring.redaction import SECRET_PATTERN, redact_json, redact_secrets
 
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the audit chain's advisory lock in PostgreSQL.
 _ADVISORY_LOCK_ID = 0x5A6_A0D17
-# Anything shaped like one of our API keys must never reach the log (see access.keys).
-_SECRET_PATTERN = re.compile(r"sgk_[0-9a-z]{16}_[0-9A-Za-z]{20,}")
 
 
 class SecretInAuditData(ValueError):
-    """Raised instead of writing an audit row whose data contains an API key."""
+    """An audit row still held an API key's secret after redaction: a bug in
+    ``monitoring.redaction``, never the caller's input. Refused rather than written."""
 
 
 def actor_label(actor: Any) -> str:
@@ -73,12 +72,19 @@ def record(
     object_id: str,
     data: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one audit row. Must be called inside the transaction of the change."""
+    """Append one audit row. Must be called inside the transaction of the change.
+
+    Secrets in the row's text (an API key quoted in a reason, a name) are redacted
+    before it is hashed (``monitoring.redaction``): the log never holds one, and
+    never refuses a change for quoting one."""
     if not connection.in_atomic_block:
         raise RuntimeError("audit.record must run inside the transaction of the change it records")
-    normalized = _normalize(data or {})
-    if _SECRET_PATTERN.search(json.dumps(normalized)):
-        raise SecretInAuditData(f"refusing to write an API key into the audit log ({action})")
+    normalized = redact_json(_normalize(data or {}))
+    actor, object_id = redact_secrets(actor_label(actor)), redact_secrets(object_id)
+    # Redaction left no secret in any string, and JSON cannot join two strings into
+    # one: this guard fires only if redaction itself is broken.
+    if SECRET_PATTERN.search(json.dumps([actor, object_id, normalized])):
+        raise SecretInAuditData(f"an API key survived redaction in an audit row ({action})")
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
@@ -87,7 +93,7 @@ def record(
     event = AuditEvent(
         seq=seq,
         created_at=timezone.now(),
-        actor=actor_label(actor),
+        actor=actor,
         action=action,
         object_type=object_type,
         object_id=object_id,

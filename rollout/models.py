@@ -4,6 +4,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from monitoring.redaction import RedactedCharField, RedactedTextField
 from stagegate.ids import (
     new_approval_id,
     new_incident_id,
@@ -26,7 +27,7 @@ class Release(models.Model):
 
     public_id = models.CharField(max_length=24, unique=True, default=new_release_id, editable=False)
     name = models.SlugField(max_length=63, unique=True, help_text="The model name clients call.")
-    description = models.TextField(blank=True)
+    description = RedactedTextField(blank=True)
     upstream_base_url = models.URLField(max_length=500)
     upstream_model = models.CharField(max_length=200)
     current_stage = models.CharField(max_length=40)
@@ -60,9 +61,9 @@ class RolloutPlan(models.Model):
     release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="plans")
     version = models.PositiveIntegerField()
     document = models.JSONField()
-    source = models.TextField()
+    source = RedactedTextField()
     digest = models.CharField(max_length=64)
-    comment = models.CharField(max_length=300, blank=True)
+    comment = RedactedCharField(max_length=300, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -107,7 +108,7 @@ class StageTransition(models.Model):
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    reason = models.TextField(blank=True)
+    reason = RedactedTextField(blank=True)
     # The review an advance carried out; at most one advance per review (idempotency).
     review = models.OneToOneField(
         "Review", null=True, blank=True, on_delete=models.PROTECT, related_name="transition"
@@ -198,7 +199,7 @@ class Approval(_Immutable):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
     )
     verdict = models.CharField(max_length=8, choices=Verdict.choices)
-    comment = models.TextField(blank=True)
+    comment = RedactedTextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -236,8 +237,8 @@ class Incident(models.Model):
     status = models.CharField(
         max_length=16, choices=IncidentStatus.choices, default=IncidentStatus.OPEN
     )
-    title = models.CharField(max_length=200)
-    description = models.TextField(blank=True)
+    title = RedactedCharField(max_length=200)
+    description = RedactedTextField(blank=True)
     opened_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -246,7 +247,7 @@ class Incident(models.Model):
     resolved_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    resolution = models.TextField(blank=True)
+    resolution = RedactedTextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

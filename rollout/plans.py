@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from monitoring import audit
+from monitoring.redaction import redact_secrets
 from rollout.models import Release, ReleaseState, RolloutPlan, StageTransition, TransitionKind
 from rollout.plan_schema import (
     PlanError,
@@ -73,6 +74,9 @@ def apply_plan(
     """
     text = source.decode("utf-8", errors="replace") if isinstance(source, bytes) else source
     doc = parse_plan(source)
+    redacted = redact_secrets(text)
+    if redacted != text:  # an API key pasted into a plan: no version keeps its secret
+        text, doc = redacted, parse_plan(redacted)
     digest = plan_digest(doc)
     with transaction.atomic():
         release = Release.objects.select_for_update().filter(name=doc.release).first()
