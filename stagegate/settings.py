@@ -218,6 +218,11 @@ STAGEGATE_UPSTREAM_CONNECT_TIMEOUT = env_float(
 # Longest silence between two bytes of an upstream response (not the whole response).
 STAGEGATE_UPSTREAM_READ_TIMEOUT = env_float("STAGEGATE_UPSTREAM_READ_TIMEOUT", 120.0, minimum=0.01)
 STAGEGATE_UPSTREAM_MAX_CONNECTIONS = env_int("STAGEGATE_UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
+# The rate limiter's Redis connections per worker. Each call holds one for a single
+# script round trip; callers beyond this wait up to STAGEGATE_REDIS_POOL_TIMEOUT
+# seconds for one (then 503 limits_unavailable) instead of being refused at once.
+STAGEGATE_REDIS_MAX_CONNECTIONS = env_int("STAGEGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
+STAGEGATE_REDIS_POOL_TIMEOUT = env_float("STAGEGATE_REDIS_POOL_TIMEOUT", 2.0, minimum=0.01)
 # Sent as "Authorization: Bearer ..." to every upstream; plans never hold secrets.
 STAGEGATE_UPSTREAM_API_KEY = env_str("STAGEGATE_UPSTREAM_API_KEY", "")
 # Usage events: written every FLUSH seconds or BATCH events, whichever comes first.
@@ -225,12 +230,17 @@ STAGEGATE_USAGE_FLUSH_SECONDS = env_float("STAGEGATE_USAGE_FLUSH_SECONDS", 1.0, 
 STAGEGATE_USAGE_BATCH_SIZE = env_int("STAGEGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 STAGEGATE_USAGE_MAX_BUFFER = env_int("STAGEGATE_USAGE_MAX_BUFFER", 100_000, minimum=1)
 # /metrics answers only "Authorization: Bearer <token>"; unset, it is disabled.
-# The rate limiter's Redis connections per worker. Each call holds one for a single
-# script round trip; callers beyond this wait up to STAGEGATE_REDIS_POOL_TIMEOUT
-# seconds for one (then 503 limits_unavailable) instead of being refused at once.
-STAGEGATE_REDIS_MAX_CONNECTIONS = env_int("STAGEGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
-STAGEGATE_REDIS_POOL_TIMEOUT = env_float("STAGEGATE_REDIS_POOL_TIMEOUT", 2.0, minimum=0.01)
 STAGEGATE_METRICS_TOKEN = env_str("STAGEGATE_METRICS_TOKEN", "")
+
+# Slow clients (stagegate/deadlines.py, docs/operations.md), per worker process.
+# A request's line and headers must arrive within this of the connection opening or of
+# the request's first byte, and its whole body within BODY_TIMEOUT of the first read.
+STAGEGATE_HEADER_TIMEOUT = env_float("STAGEGATE_HEADER_TIMEOUT", 10.0, minimum=0.1)
+STAGEGATE_BODY_TIMEOUT = env_float("STAGEGATE_BODY_TIMEOUT", 30.0, minimum=0.1)
+# Requests on connections beyond this many open ones get 503; the kernel queues up to
+# BACKLOG connections not yet accepted.
+STAGEGATE_MAX_CONNECTIONS = env_int("STAGEGATE_MAX_CONNECTIONS", 1000, minimum=1)
+STAGEGATE_BACKLOG = env_int("STAGEGATE_BACKLOG", 2048, minimum=1)
 
 # --- Background work: Celery on Redis, or the in-process scheduler -------------------------
 # The same task functions run on the same schedule (stagegate/schedule.py) either way:
