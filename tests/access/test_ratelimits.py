@@ -498,23 +498,57 @@ def test_redis_callers_beyond_the_pool_wait_for_a_connection(private_redis):
     assert connections <= 4
 
 
-def test_redis_wait_for_a_pooled_connection_is_bounded(private_redis):
+def test_redis_callers_under_sustained_load_wait_their_turn(private_redis):
+    """redis-py's own waiting is not first come, first served: under sustained load
+    a few callers starve past any timeout. The limiter queues them in order."""
+    limits = _limits(requests_per_minute=100_000, tokens_per_minute=100_000, tokens_per_day=100_000)
+
+    async def main():
+        client = redis_client(private_redis.url, max_connections=4, pool_timeout=1)
+        limiter = RedisLimiter(client, prefix="sgtest:pool:", pool_timeout=1)
+        longest = 0.0
+
+        async def caller():
+            nonlocal longest
+            for _ in range(40):
+                started = time.monotonic()
+                await limiter.acquire(SCOPE, limits, 1, T)
+                longest = max(longest, time.monotonic() - started)
+                sum(range(2000))  # a request's own work between two calls
+
+        try:
+            await asyncio.gather(*(caller() for _ in range(256)))
+            return longest
+        finally:
+            await limiter.close()
+
+    assert asyncio.run(main()) < 1
+
+
+def test_redis_wait_for_a_connection_is_bounded(private_redis):
     async def main():
         client = redis_client(private_redis.url, max_connections=1, pool_timeout=0.2)
-        limiter = RedisLimiter(client, prefix="sgtest:pool:")
+        limiter = RedisLimiter(client, prefix="sgtest:pool:", pool_timeout=0.2)
         try:
-            held = await client.connection_pool.get_connection()
-            started = time.monotonic()
-            with pytest.raises(LimiterUnavailable, match="No connection available"):
-                await limiter.acquire(SCOPE, LIMITS, 1, T)
-            waited = time.monotonic() - started
-            await client.connection_pool.release(held)
+            await limiter.acquire(SCOPE, LIMITS, 1, T)
+            # Redis stops answering, so the one connection stays busy with the first call.
+            os.kill(private_redis.process.popen.pid, signal.SIGSTOP)
+            try:
+                first = asyncio.create_task(limiter.acquire(SCOPE, LIMITS, 1, T))
+                await asyncio.sleep(0.05)
+                started = time.monotonic()
+                with pytest.raises(LimiterUnavailable, match="no Redis connection free within"):
+                    await limiter.acquire(SCOPE, LIMITS, 1, T)
+                waited = time.monotonic() - started
+            finally:
+                os.kill(private_redis.process.popen.pid, signal.SIGCONT)
+            await asyncio.gather(first, return_exceptions=True)
             return waited, await limiter.acquire(SCOPE, LIMITS, 1, T)
         finally:
             await limiter.close()
 
     waited, after = asyncio.run(main())
-    assert 0.2 <= waited < 1.0
+    assert 0.2 <= waited < 0.5
     assert after.outcome == ALLOWED
 
 
