@@ -54,4 +54,5 @@ bench: install
 	$(BIN)/python bench/http_clients.py
 	$(BIN)/python bench/servers.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/deadlines.py
 	$(BIN)/python bench/reviews.py

@@ -22,8 +22,10 @@ that, both in seconds from Django settings (``STAGEGATE_HEADER_TIMEOUT``,
   answers 408), and that response closes the connection. Once the body is complete,
   ``receive`` (which then waits only for a disconnect) is passed through untimed.
 
-Both cost one event-loop timer per request (armed and cancelled), the price of the
-keep-alive timer uvicorn already sets after each response.
+Cost: the header deadline is one event-loop timer per request (armed and cancelled),
+the price of the keep-alive timer uvicorn already sets after each response. The body
+deadline arms its timer only for a body not all received when the application first
+reads it (bench/deadlines.py; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ class BodyDeadline:
         if self.expired:
             raise self._error()
         if self._timer is None:
+            if not getattr(getattr(self._receive, "__self__", None), "more_body", True):
+                # uvicorn's request cycle, whose method receive is, has the whole body
+                # (the common case: it came with the headers), so this call returns at
+                # once and needs no timer, which would cost more than the rest.
+                self._done = True
+                return await self._receive()
             # One timer for the whole body, not one per receive: a client dripping a
             # byte at a time must not earn a fresh deadline with each byte.
             self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from access.keys import issue_key
+from access.models import Organization
 from monitoring.models import UsageEvent
 from tests.factories import make_org
 from tests.live import METRICS_TOKEN, ProxyServer, wait_until
@@ -82,6 +83,21 @@ def assert_cut_in_time(elapsed: float) -> None:
     assert DEADLINE / 2 <= elapsed <= DEADLINE + SLACK
 
 
+def public_key(server: ProxyServer) -> bytes:
+    org = make_org("slow-poster", "public")
+    key = issue_key(organization=org, name="slow", actor=None).raw_key
+    server.wait_synced()
+    return key.encode()
+
+
+def post_chat_head(key: bytes, length: int) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
+    )
+
+
 # --- headers --------------------------------------------------------------------------------
 
 
@@ -131,22 +147,15 @@ def test_django_route_body_that_never_finishes_gets_408(impatient_server):
 
 
 def test_proxied_body_that_never_finishes_gets_408_and_is_recorded(impatient_server):
-    org = make_org("slow-poster", "public")
-    key = issue_key(organization=org, name="slow", actor=None).raw_key
-    impatient_server.wait_synced()
     sock = connect(impatient_server)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-        + key.encode()
-        + b'\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"model": "at'
-    )
+    sock.sendall(post_chat_head(public_key(impatient_server), 500) + b'{"model": "at')
     received, elapsed = read_until_closed(sock)
     assert_cut_in_time(elapsed)
     status, document = status_and_json(received)
     assert (status, document["error"]["code"]) == (408, "request_timeout")
 
     event = wait_until(
-        lambda: UsageEvent.objects.filter(org=org.public_id).first(),
+        lambda: UsageEvent.objects.filter(org=Organization.objects.get().public_id).first(),
         timeout=10,
         what="the timed-out call's usage event",
     )
@@ -156,6 +165,34 @@ def test_proxied_body_that_never_finishes_gets_408_and_is_recorded(impatient_ser
         "request_timeout",
         408,
     )
+
+
+def test_body_arriving_in_parts_within_the_deadline_is_served(impatient_server):
+    body = b'{"model": "no-such-model", "messages": []}'
+    sock = connect(impatient_server)
+    with sock:
+        sock.sendall(post_chat_head(public_key(impatient_server), len(body)) + body[:10])
+        time.sleep(DEADLINE / 4)
+        sock.sendall(body[10:])
+        status, answer = read_response(sock)
+    assert (status, httpx.Response(200, content=answer).json()["error"]["code"]) == (
+        404,
+        "unknown_model",
+    )
+
+
+def test_body_dripped_a_byte_at_a_time_is_cut_at_the_deadline(impatient_server):
+    # One deadline for the whole body: each byte does not buy the client more time.
+    sock = connect(impatient_server)
+    sock.sendall(post_chat_head(public_key(impatient_server), 10_000) + b"{")
+    started = time.monotonic()
+    while time.monotonic() - started < DEADLINE + SLACK:
+        if select.select([sock], [], [], DEADLINE / 10)[0]:  # the answer has come
+            break
+        sock.sendall(b" ")
+    assert_cut_in_time(time.monotonic() - started)
+    status, document = status_and_json(read_until_closed(sock)[0])
+    assert (status, document["error"]["code"]) == (408, "request_timeout")
 
 
 def test_body_still_dripping_after_a_refusal_is_cut(impatient_server):
