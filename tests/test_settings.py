@@ -55,6 +55,8 @@ def test_production_refuses_to_start_without_required_setting(tmp_path, missing)
         ("DEBUG", "maybe", "DEBUG='maybe' is not a boolean"),
         ("STAGEGATE_MODE", "staging", "STAGEGATE_MODE='staging' must be one of"),
         ("STAGEGATE_ROTATION_GRACE_HOURS", "soon", "is not an integer"),
+        ("STAGEGATE_HEADER_TIMEOUT", "0", "STAGEGATE_HEADER_TIMEOUT=0.0 is below the minimum"),
+        ("STAGEGATE_MAX_CONNECTIONS", "lots", "STAGEGATE_MAX_CONNECTIONS='lots' is not an integer"),
         ("DATABASE_URL", "mysql://x@localhost/db", "must point at PostgreSQL"),
     ],
 )
