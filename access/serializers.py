@@ -42,6 +42,9 @@ class OrganizationSerializer(serializers.ModelSerializer):
         model = Organization
         fields = ("public_id", "slug", "name", "tier", "created_at")
         read_only_fields = ("public_id", "created_at")
+        # The model's default tier is not a choice the API makes for the caller:
+        # organizations.create_organization requires one.
+        extra_kwargs = {"tier": {"required": True}}
 
 
 class OrganizationDetailSerializer(OrganizationSerializer):
@@ -95,7 +98,9 @@ class VerificationSerializer(serializers.ModelSerializer):
     )
     evidence_note = serializers.CharField(required=False, allow_blank=True, default="")
     expires_at = serializers.DateTimeField(validators=[_in_future])
-    verified_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    verified_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Verification
@@ -139,7 +144,9 @@ class ApiKeySerializer(serializers.ModelSerializer):
     organization = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
     prefix = serializers.CharField(read_only=True, help_text="recognises the key; cannot use it")
     status = serializers.SerializerMethodField()
-    rotated_from = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
+    rotated_from = serializers.SlugRelatedField(
+        slug_field="public_id", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = ApiKey

@@ -3,7 +3,12 @@
 What is measured
   One run sets up a throwaway embedded Stagegate: SQLite in a temporary
   STAGEGATE_VAR_DIR and in-process rate limits (with --redis or REDIS_URL, limits
-  in Redis; --redis alone starts a private redis-server). It applies
+  in Redis; --redis alone starts a private redis-server). With --production it
+  runs in production mode instead: a throwaway PostgreSQL database created for the
+  run on the server --postgres names (dropped afterwards), limits in Redis (a
+  private redis-server unless REDIS_URL is set), at concurrency 64 and 256 unless
+  --concurrency says otherwise: the row that shows whether one worker's Redis
+  connection pool holds up under many concurrent callers. It applies
   docs/examples/atlas-2.yaml with the upstream pointed at a demo upstream on a
   free port and research_partner's research_preview limits raised out of reach,
   creates northwind-research (research_partner, valid monitoring_agreement) and
@@ -27,7 +32,9 @@ What is measured
   parse_key, dict lookup, SHA-256, compare_digest) with its parts.
 
 How to read the output
-  errors       answers that were not a 200 with a complete body (warm-up included)
+  errors       answers that were not a 200 with a complete body (warm-up included);
+               under the table, each run's errors by kind: the status and error
+               code, or the load generator's exception
   req/s        completed requests / wall time of the timed phase
   p50, p99     latency in ms, from sending the request to its last body byte
   proxy us/req CPU time (utime + stime from /proc, every thread: the event loop,
@@ -50,12 +57,14 @@ How to read the output
 
 Usage: python bench/proxy.py [--quick] [--requests 6000] [--stream-requests 3000]
                              [--concurrency 1,10,50] [--redis] [--workers N]
+                             [--production [--postgres postgres://postgres@127.0.0.1:5432]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import os
@@ -100,8 +109,9 @@ sys.path.insert(0, str(ROOT))
 # --------------------------------------------------------------------------- environment
 
 
-def configure(var_dir: str, redis_url: str | None) -> None:
-    """Point this process (and, through the environment, its servers) at a fresh var dir."""
+def configure(var_dir: str, redis_url: str | None, database_url: str | None = None) -> None:
+    """Point this process (and, through the environment, its servers) at a fresh var dir,
+    and with ``database_url`` at a throwaway PostgreSQL database in production mode."""
     os.environ.update(
         DJANGO_SETTINGS_MODULE="stagegate.settings",
         STAGEGATE_MODE="embedded",
@@ -115,6 +125,31 @@ def configure(var_dir: str, redis_url: str | None) -> None:
         os.environ["REDIS_URL"] = redis_url
     else:
         os.environ.pop("REDIS_URL", None)
+    if database_url:
+        os.environ.update(
+            STAGEGATE_MODE="production",
+            DATABASE_URL=database_url,
+            SECRET_KEY=os.urandom(32).hex(),
+            ALLOWED_HOSTS="127.0.0.1",
+            # No Celery worker runs here; the proxy needs no periodic work to serve.
+            STAGEGATE_SCHEDULER="off",
+        )
+
+
+@contextlib.contextmanager
+def throwaway_database(server_url: str):
+    """A new, empty PostgreSQL database on ``server_url`` for this run; its URL. Dropped
+    afterwards (the servers using it must have stopped)."""
+    import psycopg
+
+    name = f"stagegate_bench_{os.getpid()}"
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server_url}/{name}"
+    finally:
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def bench_plan(upstream_base_url: str) -> str:
@@ -238,8 +273,18 @@ MESSAGES = [
 ]
 DONE = b"data: [DONE]\n\n"
 
-# A request returns True when the answer was a 200 with a complete body.
-RequestFn = Callable[[], Awaitable[bool]]
+# A request returns True when the answer was a 200 with a complete body, else what went
+# wrong: the status and error code, or the exception's name.
+Outcome = bool | str
+RequestFn = Callable[[], Awaitable[Outcome]]
+
+
+def failure(status: int, body: bytes) -> str:
+    """``"503 limits_unavailable"``: the status and the code of an OpenAI-shaped error."""
+    try:
+        return f"{status} {orjson.loads(body)['error']['code']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return f"{status} (incomplete body)"
 
 
 def request_body(model: str, stream: bool) -> bytes:
@@ -265,23 +310,28 @@ async def client(target: Target, concurrency: int) -> AsyncIterator[dict[str, Re
     plain_body = request_body(target.model, stream=False)
     stream_body = request_body(target.model, stream=True)
 
-    async def plain() -> bool:
+    async def plain() -> Outcome:
         try:
             async with session.post(target.url, data=plain_body, headers=headers) as response:
                 body = await response.read()
-                return response.status == 200 and body.startswith(b"{")
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+                if response.status == 200 and body.startswith(b"{"):
+                    return True
+                return failure(response.status, body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return type(exc).__name__
 
-    async def stream() -> bool:
+    async def stream() -> Outcome:
         try:
             async with session.post(target.url, data=stream_body, headers=headers) as response:
-                tail = b""
+                head, tail = b"", b""
                 async for chunk in response.content.iter_any():
+                    head = head or chunk  # an error answer is one JSON body
                     tail = (tail + chunk)[-len(DONE) :]
-                return response.status == 200 and tail == DONE
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+                if response.status == 200 and tail == DONE:
+                    return True
+                return failure(response.status, head)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return type(exc).__name__
 
     try:
         yield {"plain": plain, "stream": stream}
@@ -294,8 +344,8 @@ class Run:
     target: str
     mode: str
     concurrency: int
-    load: Load[bool]  # the timed phase
-    errors: int  # warm-up included
+    load: Load[Outcome]  # the timed phase
+    errors: collections.Counter[str]  # by kind, warm-up included
     proxy_cpu_s: float | None
     upstream_cpu_s: float
 
@@ -353,7 +403,9 @@ async def measure(
         mode,
         concurrency,
         load,
-        warm_up.results.count(False) + load.results.count(False),
+        collections.Counter(
+            result for result in [*warm_up.results, *load.results] if result is not True
+        ),
         proxy_cpu if through_proxy else None,
         upstream_cpu,
     )
@@ -374,11 +426,16 @@ def print_runs(runs: list[Run]) -> None:
     for run in runs:
         load = run.load
         print(
-            f"{run.target:<10}{run.mode:<8}{run.concurrency:>5}{load.requests:>9}{run.errors:>7}"
+            f"{run.target:<10}{run.mode:<8}{run.concurrency:>5}{load.requests:>9}"
+            f"{run.errors.total():>7}"
             f"{load.rps:>9,.0f}{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}"
             f"{cell(run.us_per_request(run.proxy_cpu_s), 14, ',.0f')}"
             f"{cell(run.us_per_request(run.upstream_cpu_s), 13, ',.0f')}"
         )
+    for run in runs:
+        if run.errors:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in run.errors.most_common())
+            print(f"  errors, {run.target} {run.mode} c={run.concurrency}: {kinds}")
 
 
 def print_ratios(runs: list[Run]) -> None:
@@ -527,7 +584,22 @@ def parse_args() -> argparse.Namespace:
         help="limits in Redis: REDIS_URL if set, else a private redis-server",
     )
     parser.add_argument("--workers", type=int, default=1, help="proxy workers (>1 needs Redis)")
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="production mode: a throwaway PostgreSQL database and Redis limits;"
+        " concurrency 64,256 unless given",
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgres://postgres@127.0.0.1:5432",
+        help="the PostgreSQL server --production creates its database on",
+    )
     args = parser.parse_args()
+    if args.production:
+        args.redis = True
+        if "--concurrency" not in sys.argv:
+            args.concurrency = [64, 256]
     quick = args.quick
     args.requests = args.requests or (600 if quick else 6000)
     args.stream_requests = args.stream_requests or (300 if quick else 3000)
@@ -557,6 +629,14 @@ def print_header(args: argparse.Namespace, limits: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    with contextlib.ExitStack() as stack:
+        database_url = (
+            stack.enter_context(throwaway_database(args.postgres)) if args.production else None
+        )
+        run(args, database_url)
+
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
     started = time.perf_counter()
     var_dir = tempfile.mkdtemp(prefix="stagegate-bench-proxy-")
     servers: list[Server] = []
@@ -565,11 +645,19 @@ def main() -> None:
         if args.redis and not redis_url:
             redis_server, redis_url = start_redis(var_dir)
             servers.append(redis_server)
-        configure(var_dir, redis_url)
+        configure(var_dir, redis_url, database_url)
         import django
 
         django.setup()
-        print_header(args, f"Redis ({redis_url})" if redis_url else "in process (LocalLimiter)")
+        from django.conf import settings
+
+        limits = (
+            f"Redis ({redis_url}, pool of {settings.STAGEGATE_REDIS_MAX_CONNECTIONS} per worker)"
+            if redis_url
+            else "in process (LocalLimiter)"
+        )
+        mode = "production (PostgreSQL)" if database_url else "embedded (SQLite)"
+        print_header(args, f"{limits} | mode: {mode}")
 
         upstream, upstream_base = start_upstream(var_dir)
         servers.append(upstream)
@@ -597,6 +685,10 @@ def main() -> None:
     finally:
         for server in reversed(servers):
             server.stop(15)  # uvicorn shuts down; usage is flushed
+        if database_url:
+            from django.db import connections
+
+            connections.close_all()  # before the database is dropped
         shutil.rmtree(var_dir, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
 

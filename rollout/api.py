@@ -45,6 +45,7 @@ from rollout.reviews import create_review
 from rollout.serializers import (
     ApprovalSerializer,
     ApproveResultSerializer,
+    IncidentFilterSerializer,
     IncidentSerializer,
     PlanApplyResultSerializer,
     PlanDocumentSerializer,
@@ -61,7 +62,7 @@ from rollout.serializers import (
     TransitionSerializer,
     VerdictSerializer,
 )
-from stagegate.api import ErrorSerializer, cursor_pagination
+from stagegate.api import ErrorSerializer, cursor_pagination, query_filters
 
 
 class YAMLParser(BaseParser):
@@ -415,13 +416,7 @@ class ApprovalViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 @extend_schema_view(
-    list=extend_schema(
-        summary="Incidents, newest first",
-        parameters=[
-            RELEASE_FILTER,
-            OpenApiParameter("status", OpenApiTypes.STR, enum=["open", "resolved"]),
-        ],
-    ),
+    list=extend_schema(summary="Incidents, newest first", parameters=[IncidentFilterSerializer]),
     retrieve=extend_schema(summary="One incident"),
     create=extend_schema(summary="File an incident (reviewer or rollout admin)"),
 )
@@ -435,9 +430,10 @@ class IncidentViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         queryset = Incident.objects.select_related("release", "opened_by", "resolved_by")
-        state = self.request.query_params.get("status")
-        if state:
-            queryset = queryset.filter(status=state)
+        if self.action == "list":
+            state = query_filters(self.request, IncidentFilterSerializer).get("status")
+            if state:
+                queryset = queryset.filter(status=state)
         return _by_release(queryset, self.request)
 
     def perform_create(self, serializer):

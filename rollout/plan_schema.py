@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -66,6 +67,20 @@ Rate = Annotated[float, Field(strict=True, ge=0, le=1)]
 PositiveRate = Annotated[float, Field(strict=True, gt=0, le=1)]
 Slug = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 StageName = Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+# Control characters but tab and line breaks (which YAML block text is made of):
+# PostgreSQL cannot store NUL, and the others only ever come from a mistake or an attack.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError(
+            "control_characters", "must not contain control characters (tab and newline may)"
+        )
+    return value
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(_no_control_characters)]
 TripwireName = Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
 
 
@@ -145,7 +160,7 @@ class Upstream(_Document):
     """Where admitted requests go: an OpenAI-compatible base URL and the model id there."""
 
     base_url: StrictStr
-    model: Annotated[str, Field(strict=True, pattern=r"^\S{1,200}$")]
+    model: Annotated[Text, Field(pattern=r"^\S{1,200}$")]
 
     @field_validator("base_url")
     @classmethod
@@ -302,7 +317,7 @@ class StagePolicy(_Document):
     """
 
     name: StageName
-    description: StrictStr = ""
+    description: Text = ""
     tiers: dict[Tier, TierPolicy]
     allow_orgs: tuple[Slug, ...] | None = None
     deny_orgs: tuple[Slug, ...] = ()
@@ -391,7 +406,7 @@ class RolloutPlanDoc(_Document):
     """A release's rollout plan: its upstream and its ordered ladder of stages."""
 
     release: Slug
-    description: StrictStr = ""
+    description: Text = ""
     upstream: Upstream
     stages: tuple[StagePolicy, ...]
 

@@ -9,6 +9,7 @@ from rest_framework import serializers
 from rollout.models import (
     Approval,
     Incident,
+    IncidentStatus,
     Release,
     ReleaseState,
     Review,
@@ -16,6 +17,7 @@ from rollout.models import (
     Severity,
     StageTransition,
 )
+from stagegate.api import choice_filter
 
 
 class ReleaseSerializer(serializers.ModelSerializer):
@@ -41,7 +43,9 @@ class ReleaseSerializer(serializers.ModelSerializer):
 class PlanVersionSerializer(serializers.ModelSerializer):
     """One version in a release's plan history."""
 
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = RolloutPlan
@@ -68,10 +72,10 @@ class _StateField(serializers.CharField):
 
 class TransitionSerializer(serializers.ModelSerializer):
     to_state = _StateField(read_only=True)
-    review = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
+    review = serializers.SlugRelatedField(slug_field="public_id", read_only=True, allow_null=True)
     release = serializers.SlugRelatedField(slug_field="name", read_only=True)
     plan_version = serializers.IntegerField(source="plan.version", read_only=True)
-    actor = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    actor = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = StageTransition
@@ -165,7 +169,9 @@ class ApprovalSerializer(serializers.ModelSerializer):
 class ReviewSerializer(serializers.ModelSerializer):
     release = serializers.SlugRelatedField(slug_field="name", read_only=True)
     plan_version = serializers.IntegerField(source="plan.version", read_only=True)
-    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    requested_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Review
@@ -262,8 +268,10 @@ class IncidentSerializer(serializers.ModelSerializer):
         required=False, max_length=40, help_text="Defaults to the release's current stage."
     )
     severity = serializers.ChoiceField(choices=Severity.choices)
-    opened_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
-    resolved_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    opened_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    resolved_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Incident
@@ -290,6 +298,15 @@ class IncidentSerializer(serializers.ModelSerializer):
             "resolved_by",
             "resolution",
         )
+
+
+class IncidentFilterSerializer(serializers.Serializer):
+    """The query filters of the incident list."""
+
+    release = serializers.CharField(
+        required=False, help_text="Only this release (public_id or name)."
+    )
+    status = choice_filter(IncidentStatus.choices, help_text="Only incidents in this state.")
 
 
 class ResolveSerializer(serializers.Serializer):

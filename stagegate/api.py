@@ -1,4 +1,5 @@
-"""Shared REST API plumbing: one error shape for every failure, cursor pagination.
+"""Shared REST API plumbing: one error shape for every failure, cursor pagination
+that refuses crafted cursors, and the edge of ``/api/`` (``ApiEdgeMiddleware``).
 
 Every error response body is::
 
@@ -10,13 +11,15 @@ Every error response body is::
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
-from rest_framework import exceptions, serializers
-from rest_framework.pagination import CursorPagination
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, pagination, serializers
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
@@ -26,6 +29,13 @@ from stagegate.errors import Refused
 # Codes of DRF's own exceptions that we rename; every other APIException keeps the
 # code it was raised with (``default_code`` unless the raiser chose one).
 _RENAMED_CODES = {"authentication_failed": "not_authenticated"}
+
+
+API_PREFIX = "/api/"
+# C0 controls and DEL: no id, filter value or ordering position has them, and
+# PostgreSQL text refuses NUL outright (a 500 where the input should have been refused).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS_REFUSED = "Control characters are not allowed."
 
 
 class Conflict(exceptions.APIException):
@@ -105,6 +115,54 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     return Response(error_body(code, _one_line(message)), status=exc.status_code, headers=headers)
 
 
+class InvalidCursor(exceptions.APIException):
+    status_code = 400
+    default_detail = "Invalid cursor."
+    default_code = "invalid_cursor"
+
+
+class CursorPagination(pagination.CursorPagination):
+    """DRF's cursor pagination, refusing (400 ``invalid_cursor``) a cursor it did not
+    make: one that does not decode, or whose position is not a value of the ordering
+    field. DRF filters on whatever position a cursor carries, so ``p=abc`` on a date
+    ordering reached the database and answered 500."""
+
+    invalid_cursor_message = InvalidCursor.default_detail
+
+    def paginate_queryset(self, queryset, request, view=None):
+        self._model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
+    def decode_cursor(self, request):
+        try:
+            cursor = super().decode_cursor(request)
+        except exceptions.NotFound:
+            raise InvalidCursor from None
+        if cursor is not None and cursor.position is not None:
+            self._check_position(cursor.position)
+        return cursor
+
+    def _check_position(self, position: str) -> None:
+        """Positions stay the strings DRF compares; only their validity is checked."""
+        if CONTROL_CHARACTERS.search(position):
+            raise InvalidCursor
+        field = self._model._meta.get_field(self.ordering[0].lstrip("-"))
+        try:
+            value = field.to_python(position)
+            field.run_validators(value)
+        except DjangoValidationError:
+            raise InvalidCursor from None
+        if isinstance(value, datetime):
+            # DRF writes aware datetimes; a naive one, or one past year 9999 in UTC,
+            # cannot be compared with the column.
+            if value.tzinfo is None:
+                raise InvalidCursor
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise InvalidCursor from None
+
+
 def cursor_pagination(ordering: str | tuple[str, ...]) -> type[CursorPagination]:
     """A CursorPagination ordered by ``ordering`` (DRF's default, ``-created``,
     names a field our models do not have)."""
@@ -113,6 +171,68 @@ def cursor_pagination(ordering: str | tuple[str, ...]) -> type[CursorPagination]
         (CursorPagination,),
         {"ordering": ordering, "__module__": __name__},
     )
+
+
+def _error_response(code: str, message: str, status: int, details: Any = None) -> JsonResponse:
+    return JsonResponse(error_body(code, message, details), status=status)
+
+
+class ApiEdgeMiddleware:
+    """What reaches ``/api/`` without passing through a DRF view gets the error shape too.
+
+    - A path or query parameter with a control character is refused before any view
+      runs: 404 ``not_found`` for a path (no id has one), 400 ``invalid`` naming each
+      such parameter. One place for every filter and id, present and future.
+    - A 404 that Django answered itself (no URL matched, e.g. an id with a dot) is
+      answered in the error shape instead of an HTML page. Redirects that add a
+      missing trailing slash are left alone.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if not request.path.startswith(API_PREFIX):
+            return self.get_response(request)
+        if CONTROL_CHARACTERS.search(request.path):
+            return _error_response("not_found", str(exceptions.NotFound.default_detail), 404)
+        refused = sorted(
+            name
+            for name, values in request.GET.lists()
+            if CONTROL_CHARACTERS.search(name)
+            or any(CONTROL_CHARACTERS.search(value) for value in values)
+        )
+        if refused:
+            details = {name: [CONTROL_CHARACTERS_REFUSED] for name in refused}
+            message = f"invalid input: {ascii(refused[0])[1:-1]}: {CONTROL_CHARACTERS_REFUSED}"
+            return _error_response("invalid", message, 400, details)
+        response = self.get_response(request)
+        if response.status_code == 404 and not response.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            return _error_response("not_found", str(exceptions.NotFound.default_detail), 404)
+        return response
+
+
+def choice_filter(choices, **kwargs) -> serializers.ChoiceField:
+    """A query filter taking one of ``choices``; a bad value is a 400 naming them all."""
+    allowed = ", ".join(str(choice) for choice in serializers.ChoiceField(choices).choices)
+    message = f'"{{input}}" is not a valid choice; choose one of: {allowed}.'
+    return serializers.ChoiceField(
+        choices=choices,
+        required=False,
+        allow_blank=True,
+        error_messages={"invalid_choice": message},
+        **kwargs,
+    )
+
+
+def query_filters(request, serializer_class: type[serializers.Serializer]) -> dict:
+    """The request's query filters validated by ``serializer_class`` (400 ``invalid``
+    with details per parameter), without the ones not given."""
+    serializer = serializer_class(data=request.query_params)
+    serializer.is_valid(raise_exception=True)
+    return {name: value for name, value in serializer.validated_data.items() if value}
 
 
 class ErrorDetailSerializer(serializers.Serializer):

@@ -61,6 +61,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Control characters in /api/ paths and query parameters refused; Django's own
+    # 404s there in the API's error shape.
+    "stagegate.api.ApiEdgeMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -179,11 +182,13 @@ if PRODUCTION:
 # --- REST API -----------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
+        # DRF's, answering 401 with WWW-Authenticate to anonymous callers.
+        "access.authentication.SessionAuthentication",
     ],
     # Deny by default: a view that forgets to declare its permissions admits no one.
     "DEFAULT_PERMISSION_CLASSES": ["access.permissions.DenyAll"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "stagegate.schema.AutoSchema",
+    # Each list view names its ordering: stagegate.api.cursor_pagination.
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "stagegate.api.exception_handler",
@@ -194,6 +199,9 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # Request bodies get their own components, which say that a field may not be blank
+    # (minLength 1) where the serializer refuses a blank string.
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # --- Stagegate ------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def ids(objects, release):
 def test_anonymous_is_refused_everywhere(api, ids, method, url):
     response = getattr(api, method)(url.format(**ids), {}, format="json")
 
-    assert response.status_code == 403
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Cookie ")
     assert response.json()["error"]["code"] == "not_authenticated"
 
 

@@ -230,7 +230,10 @@ def test_plan_digest_is_sha256_hex():
 
 @settings(max_examples=150, deadline=None)
 @given(
-    description=st.text(max_size=200),
+    # Any text a plan may hold: control characters but tab and line breaks are refused.
+    description=st.text(
+        st.characters(blacklist_categories=("Cc",)) | st.sampled_from("\t\n\r"), max_size=200
+    ),
     cohort=st.floats(min_value=0, max_value=100, exclude_min=True),
     flag_rate=st.floats(min_value=0, max_value=1),
     threshold=st.floats(min_value=0, max_value=1, exclude_min=True),
