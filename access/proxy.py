@@ -41,11 +41,17 @@ from access.decisions import (
     key_refusal,
 )
 from access.keys import KeyFormatError, parse_key
-from access.ratelimits import LimiterUnavailable, LimitResult, LocalLimiter, RedisLimiter
+from access.ratelimits import (
+    LimiterUnavailable,
+    LimitResult,
+    LocalLimiter,
+    RedisLimiter,
+    Reservation,
+)
 from access.snapshot import Snapshot, SnapshotStore
 from access.upstream import SSERelay, UpstreamFailure, Usage, make_session, translate
 from monitoring import metrics
-from monitoring.usage import UsageRecorder
+from monitoring.usage import UsageRecorder, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ CALLS = {
     "/v1/completions": ("completions", "/completions"),
     "/v1/embeddings": ("embeddings", "/embeddings"),
 }
+# How deep a request body may nest: orjson writes at most 254 levels (objects and arrays
+# together), and the proxy rewrites every body it forwards.
+MAX_DEPTH = 254
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -65,6 +74,7 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     502: "upstream_error",
     503: "service_unavailable",
+    500: "api_error",
     504: "upstream_timeout",
 }
 JSON = (b"content-type", b"application/json")
@@ -144,10 +154,12 @@ class Call:
         "org",
         "prompt_tokens",
         "request_id",
+        "reservation",
         "started",
         "status",
         "streamed",
         "upstream_seconds",
+        "usage_reported",
         "wall",
     )
 
@@ -168,6 +180,8 @@ class Call:
         self.flagged = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.usage_reported = False  # the upstream said how many tokens it used
+        self.reservation: Reservation | None = None  # tokens held until the call ends
         self.upstream_seconds: float | None = None
 
 
@@ -207,6 +221,7 @@ class Proxy:
             batch_size=settings.STAGEGATE_USAGE_BATCH_SIZE,
             max_buffer=settings.STAGEGATE_USAGE_MAX_BUFFER,
             on_drop=metrics.USAGE_DROPPED.inc,
+            on_reject=metrics.USAGE_REJECTED.inc,
             on_write=lambda count, _seconds: metrics.USAGE_WRITTEN.inc(count),
             last_used_interval=settings.STAGEGATE_KEY_LAST_USED_INTERVAL,
         )
@@ -356,9 +371,11 @@ class Proxy:
             reason, verdict = "ok", "allow"
         stage = (decision.stage or "") if decision else ""
         tier = (decision.tier or "") if decision else ""
+        # The name asked for is the client's text: stored only once it is safe to store.
+        model = clean_text(call.model, 63)
         # Metrics label only releases that exist: a client-chosen name would let anyone
         # grow the series without bound. The usage event keeps the name asked for.
-        release = call.model[:63] if stage else ""
+        release = model if stage else ""
         elapsed = time.perf_counter() - call.started
         self.recorder.record(
             (
@@ -367,7 +384,7 @@ class Proxy:
                 call.org.public_id if call.org else "",
                 call.key.public_id if call.key else "",
                 tier,
-                call.model[:63],
+                model,
                 stage,
                 call.endpoint,
                 verdict,
@@ -439,6 +456,8 @@ class Proxy:
     # --- model calls ------------------------------------------------------------------------
 
     async def _model_call(self, scope, receive, send, endpoint: str, suffix: str) -> None:
+        """The one place a model call ends, however it ends: its reservation is settled
+        and its usage event recorded with the status the client got."""
         call = Call(endpoint)
         try:
             await self._model_call_inner(scope, receive, send, call, suffix)
@@ -452,8 +471,37 @@ class Proxy:
                 error_body(exc.status, exc.code, exc.message),
                 [(b"x-request-id", call.request_id.encode()), *exc.headers],
             )
+        except Exception:
+            # A bug, not a refusal: say so in the API's shape if nothing was sent yet, and
+            # record it; the server would otherwise answer text/plain and lose the event.
+            log.exception("model call %s failed", call.request_id)
+            call.error = "internal_error"
+            if call.status == 0:
+                call.status = 500
+                await self._respond(
+                    send,
+                    500,
+                    error_body(500, "internal_error", "Stagegate failed on this request."),
+                    [(b"x-request-id", call.request_id.encode())],
+                )
         finally:
+            if call.reservation is not None:
+                await self._settle(call)
             self._record(call)
+
+    async def _settle(self, call: Call) -> None:
+        """Replace the call's token reservation with what it really used."""
+        if call.status != 200:  # refused or failed upstream: nothing was served
+            used = 0
+        elif call.usage_reported or call.streamed:
+            used = call.prompt_tokens + call.completion_tokens
+        else:  # an answer without usage counts as reserved
+            used = call.reservation.tokens
+        try:
+            await self.limiter.settle(call.reservation, used)
+        except Exception as exc:  # the reservation stands; it expires with its window
+            metrics.UNSETTLED.inc()
+            log.warning("could not settle a token reservation: %s", exc)
 
     async def _read_body(self, receive) -> bytes:
         chunks = []
@@ -496,7 +544,9 @@ class Proxy:
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
             raise HTTPError(400, "invalid_request", "max_tokens must be a positive integer.")
-        choices = document.get("n", 1)
+        choices = document.get("n")
+        if choices is None:  # absent or null: OpenAI's default of one choice
+            choices = 1
         if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= 128:
             raise HTTPError(400, "invalid_request", "n must be an integer from 1 to 128.")
         release = snapshot.releases.get(model)
@@ -536,13 +586,11 @@ class Proxy:
                 ),
             )
             return
-        limited = await self._limit(call, release, reserve)
-        if not limited.allowed:
-            await self._refuse(send, call, self._over_limit(call, limited), limited.headers())
-            return
 
         # Forward: the model name is the one change every request needs; streams also
-        # ask for usage, and completions get the tier's cap when they name none.
+        # ask for usage, and completions get the tier's cap when they name none. The body
+        # is written before anything is reserved, so one the proxy cannot re-encode (JSON
+        # nested deeper than orjson writes) is refused and holds nothing.
         document["model"] = release.upstream_model
         hide_usage = False
         if stream:
@@ -555,38 +603,39 @@ class Proxy:
                 }
         if max_tokens is None and call.endpoint != "embeddings":
             document["max_tokens"] = limits.max_tokens
+        try:
+            forwarded = orjson.dumps(document)
+        except (TypeError, orjson.JSONEncodeError):
+            raise HTTPError(
+                400,
+                "invalid_request",
+                f"The request body nests deeper than the {MAX_DEPTH} levels Stagegate forwards.",
+            ) from None
+
+        limited = await self._limit(call, release, reserve)
+        if not limited.allowed:
+            await self._refuse(send, call, self._over_limit(call, limited), limited.headers())
+            return
+        call.reservation = limited.reservation
         headers = [
             (b"x-request-id", call.request_id.encode()),
             (b"x-stagegate-tier", decision.tier.encode()),
             (b"x-stagegate-stage", decision.stage.encode()),
             *limited.headers(),
         ]
-        usage = Usage()
-        forwarded = orjson.dumps(document)
-        try:
-            if stream:
-                call.streamed = True
-                usage = await self._relay_stream(
-                    receive, send, call, release, suffix, forwarded, headers, hide_usage
-                )
-                if call.status == 200 and not usage.reported:  # cut: estimate the prompt
-                    usage.prompt_tokens = len(body) // 4
-            else:
-                usage = await self._relay(send, call, release, suffix, forwarded, headers)
-        finally:
-            call.prompt_tokens = usage.prompt_tokens
-            call.completion_tokens = usage.completion_tokens
-            call.flagged = usage.flagged
-            if call.status != 200:  # refused or failed upstream: nothing was served
-                used = 0
-            elif usage.reported or call.streamed:
-                used = usage.prompt_tokens + usage.completion_tokens
-            else:  # an answer without usage counts as reserved
-                used = reserve
-            try:
-                await self.limiter.settle(limited.reservation, used)
-            except Exception as exc:  # the reservation stands; it expires with its window
-                log.warning("could not settle a token reservation: %s", exc)
+        if stream:
+            call.streamed = True
+            usage = await self._relay_stream(
+                receive, send, call, release, suffix, forwarded, headers, hide_usage
+            )
+            if call.status == 200 and not usage.reported:  # cut: estimate the prompt
+                usage.prompt_tokens = len(body) // 4
+        else:
+            usage = await self._relay(send, call, release, suffix, forwarded, headers)
+        call.prompt_tokens = usage.prompt_tokens
+        call.completion_tokens = usage.completion_tokens
+        call.usage_reported = usage.reported
+        call.flagged = usage.flagged
 
     def _upstream_headers(self, call: Call) -> dict[str, str]:
         return {**self._upstream_base_headers, "x-request-id": call.request_id}

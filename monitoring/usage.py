@@ -12,6 +12,12 @@ traffic per worker process, whichever is smaller, plus a batch being written at
 that instant. While the database is unreachable, events stay buffered up to
 ``max_buffer`` per process; beyond that the oldest are dropped and counted in
 ``stagegate_usage_events_dropped_total``.
+
+One bad event never blocks the others. Client-supplied text (the model name asked
+for) is cleaned before it is recorded (``clean_text``); and if the database still
+refuses a batch while it is reachable, the batch is split until the event it refuses
+is found: the rest is written, that event is set aside (logged, kept in
+``UsageRecorder.rejected``) and counted in ``stagegate_usage_events_rejected_total``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from django.utils import timezone
 
 from access.keys import touch_keys_last_used
 from monitoring.models import UsageEvent
+from monitoring.redaction import redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,18 @@ FIELDS: tuple[str, ...] = (
     "upstream_latency_ms",
 )
 _CREATED_AT = FIELDS.index("created_at")
+REJECTED_KEPT = 100  # events set aside that a worker keeps for inspection
+
+
+def clean_text(text: str, limit: int) -> str:
+    """``text`` from a client made safe to store and show: cut to ``limit`` characters,
+    every control, format or unassigned character (NUL among them, which PostgreSQL
+    cannot store in text) replaced by U+FFFD, and an API key's secret redacted."""
+    if len(text) > limit:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
+    return redact_secrets(text)
 
 
 def _row(event: tuple, adapt=None) -> tuple:
@@ -88,6 +107,18 @@ def write_events(events: list[tuple]) -> None:
             cursor.executemany(sql, [_row(event, adapt) for event in events])
 
 
+def database_reachable() -> bool:
+    """Whether a fresh connection to the database answers (after a failed write)."""
+    try:
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception:
+        connection.close()
+        return False
+    return True
+
+
 class UsageRecorder:
     """A bounded buffer of usage events and the thread that writes it."""
 
@@ -98,8 +129,10 @@ class UsageRecorder:
         batch_size: int = 500,
         max_buffer: int = 100_000,
         writer: Callable[[list[tuple]], None] = write_events,
+        reachable: Callable[[], bool] = database_reachable,
         on_drop: Callable[[int], None] | None = None,
         on_write: Callable[[int, float], None] | None = None,
+        on_reject: Callable[[int], None] | None = None,
         last_used_interval: int = 60,
     ) -> None:
         self.last_used_interval = last_used_interval
@@ -107,7 +140,10 @@ class UsageRecorder:
         self.batch_size = batch_size
         self.max_buffer = max_buffer
         self._writer = writer
+        self._reachable = reachable
         self._on_drop = on_drop
+        self._on_reject = on_reject
+        self.rejected: deque[tuple] = deque(maxlen=REJECTED_KEPT)
         self._on_write = on_write
         self._buffer: deque[tuple] = deque()
         self._used: set[str] = set()  # key ids whose last_used_at is due
@@ -136,31 +172,53 @@ class UsageRecorder:
         return len(self._buffer)
 
     def flush(self) -> bool:
-        """Write everything buffered so far; on failure keep it for the next try."""
+        """Write everything buffered so far; while the database is unreachable keep it
+        for the next try. Returns False if anything was kept."""
         batch: list[tuple] = []
         while self._buffer:
             batch.append(self._buffer.popleft())
         if not batch:
             return True
         started = time.perf_counter()
-        try:
-            self._writer(batch)
-        except Exception as exc:
-            log.warning("usage events not written yet (%d kept): %s", len(batch), exc)
-            connection.close()
-            self._buffer.extendleft(reversed(batch))
-            overflow = len(self._buffer) - self.max_buffer
-            if overflow > 0:
-                for _ in range(overflow):
-                    self._buffer.popleft()
-                self.dropped += overflow
-                if self._on_drop is not None:
-                    self._on_drop(overflow)
-            return False
-        self.written += len(batch)
-        if self._on_write is not None:
-            self._on_write(len(batch), time.perf_counter() - started)
+        parts = [batch]
+        while parts:
+            part = parts.pop()
+            try:
+                self._writer(part)
+            except Exception as exc:
+                connection.close()
+                if not self._reachable():  # an outage: keep this and what is left
+                    kept = [event for rest in (*parts, part) for event in rest]
+                    log.warning("usage events not written yet (%d kept): %s", len(kept), exc)
+                    self._keep(kept)
+                    return False
+                if len(part) > 1:  # the database refused something in it: halve it
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]
+                else:
+                    self._reject(part[0], exc)
+                continue
+            self.written += len(part)
+            if self._on_write is not None:
+                self._on_write(len(part), time.perf_counter() - started)
         return True
+
+    def _keep(self, events: list[tuple]) -> None:
+        """Put unwritten events back at the head of the buffer, within ``max_buffer``."""
+        self._buffer.extendleft(reversed(events))
+        overflow = len(self._buffer) - self.max_buffer
+        if overflow > 0:
+            for _ in range(overflow):
+                self._buffer.popleft()
+            self.dropped += overflow
+            if self._on_drop is not None:
+                self._on_drop(overflow)
+
+    def _reject(self, event: tuple, exc: Exception) -> None:
+        self.rejected.append(event)
+        log.error("usage event %s set aside, the database refuses it: %s", event[1], exc)
+        if self._on_reject is not None:
+            self._on_reject(1)
 
     def start(self) -> None:
         if self._thread is None:

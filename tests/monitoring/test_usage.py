@@ -9,13 +9,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from access.keys import issue_key
 from access.models import ApiKey
 from monitoring.models import UsageEvent
-from monitoring.usage import FIELDS, UsageRecorder, write_events
+from monitoring.usage import FIELDS, UsageRecorder, clean_text, write_events
 
 CREATED_AT = 1_790_000_000.25  # POSIX seconds, exact in binary and in microseconds
 
@@ -264,6 +264,54 @@ def test_flush_with_default_writer_stores_rows():
     assert recorder.flush() is True
     rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
     assert rows == [_stored(event) for event in events]
+
+
+def _with(event: tuple, **values) -> tuple:
+    return tuple(values.get(name, value) for name, value in zip(FIELDS, event, strict=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_flush_sets_aside_an_event_the_database_refuses_and_writes_the_rest():
+    # A negative status breaks a CHECK constraint on every database; on PostgreSQL a NUL
+    # in text is refused too (found by fuzzing: one such row stopped every later write).
+    bad = [_with(_event(3), status=-1)]
+    if connection.vendor == "postgresql":
+        bad.append(_with(_event(7), release="atlas\x002"))
+    good = [_event(n) for n in range(10) if n not in (3, 7)]
+    rejected: list[int] = []
+    recorder = UsageRecorder(on_reject=rejected.append)
+    for event in sorted(good + bad, key=lambda e: e[1]):
+        recorder.record(event)
+
+    assert recorder.flush() is True
+
+    rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
+    assert rows == [_stored(event) for event in good]
+    assert sorted(recorder.rejected) == sorted(bad)
+    assert rejected == [1] * len(bad)
+    assert recorder.pending() == 0
+    recorder.record(_event(11))  # and the next batch goes through
+    assert recorder.flush() is True
+    assert UsageEvent.objects.count() == len(good) + 1
+
+
+def test_flush_keeps_everything_while_the_database_is_unreachable():
+    writer = Writer(failures=-1)
+    recorder = UsageRecorder(writer=writer, reachable=lambda: False)
+    for n in range(8):
+        recorder.record(_event(n))
+    assert recorder.flush() is False
+    assert (recorder.pending(), len(recorder.rejected), len(writer.calls)) == (8, 0, 1)
+
+
+def test_clean_text_replaces_control_characters_and_bounds_length():
+    assert clean_text("atlas-2", 63) == "atlas-2"
+    assert clean_text("atlas\x002", 63) == "atlas\ufffd2"
+    assert clean_text("a\tb\x7fc\u200bd\ud800", 63) == "a\ufffdb\ufffdc\ufffdd\ufffd"
+    assert clean_text("é" * 100, 63) == "é" * 63
+    assert clean_text("\x00" * 1000, 4) == "\ufffd" * 4
+    secret = "sgk_0123456789abcdef_" + "Ab1" * 15
+    assert clean_text(secret, 63) == "sgk_0123456789abcdef_[redacted]"
 
 
 @pytest.mark.django_db
