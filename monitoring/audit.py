@@ -2,7 +2,10 @@
 
 Each row's hash covers its own content and the previous row's hash, so changing,
 inserting or removing any row breaks the chain from that row on; ``verify_chain``
-finds the first such row. Appends are serialized (a PostgreSQL advisory lock; on
+finds the first such row. Rows cut from the end, or a chain rewritten from some row
+on with every hash recomputed, stay consistent with themselves: only a checkpoint
+published earlier, outside the database, shows them (``monitoring.checkpoints``,
+``verify_chain(checkpoints=...)``). Appends are serialized (a PostgreSQL advisory lock; on
 SQLite the IMMEDIATE transaction mode already holds the write lock) so the chain
 never forks, and ``seq`` is unique as a second guard.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -111,11 +115,21 @@ class ChainBreak:
     reason: str
 
 
-def verify_chain(batch_size: int = 2000) -> tuple[int, ChainBreak | None]:
-    """Check every row in order. Returns (rows checked, first break or None)."""
+def verify_chain(
+    batch_size: int = 2000, *, checkpoints: Mapping[int, str] | None = None
+) -> tuple[int, ChainBreak | None]:
+    """Check every row in order. Returns (rows checked, first break or None).
+
+    ``checkpoints`` (seq -> hash, published earlier: ``monitoring.checkpoints``) must
+    each still hold: the row exists and has that hash. That is what tells a chain cut
+    at its end, or rewritten from some row on, from an intact one."""
+    checkpoints = dict(checkpoints or {})
+    if checkpoints.pop(0, GENESIS_HASH) != GENESIS_HASH:
+        return 0, ChainBreak(0, "a checkpoint of the empty chain must have the genesis hash")
     expected_prev = GENESIS_HASH
     expected_seq = 1
     checked = 0
+    held = 0  # the last checkpoint that held
     with transaction.atomic():
         for event in AuditEvent.objects.order_by("seq").iterator(chunk_size=batch_size):
             if event.seq != expected_seq:
@@ -124,7 +138,24 @@ def verify_chain(batch_size: int = 2000) -> tuple[int, ChainBreak | None]:
                 return checked, ChainBreak(event.seq, "prev_hash does not match the row before")
             if compute_hash(event) != event.hash:
                 return checked, ChainBreak(event.seq, "content does not match its hash")
+            published = checkpoints.get(event.seq)
+            if published is not None:
+                if published != event.hash:
+                    return checked, ChainBreak(
+                        event.seq,
+                        f"its hash is not the checkpoint's ({event.seq}:{published[:16]}…): "
+                        f"the chain was rewritten from a row between #{held + 1} and "
+                        f"#{event.seq} on, and rehashed",
+                    )
+                held = event.seq
             expected_prev = event.hash
             expected_seq += 1
             checked += 1
+    beyond = max(checkpoints, default=0)
+    if beyond >= expected_seq:
+        return checked, ChainBreak(
+            expected_seq,
+            f"rows #{expected_seq} to #{beyond} are missing: the chain ends at "
+            f"#{expected_seq - 1}, but a checkpoint has row #{beyond} (its tail was cut)",
+        )
     return checked, None

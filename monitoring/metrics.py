@@ -111,8 +111,7 @@ USAGE_REJECTED = Counter(
 )
 UNSETTLED = Counter(
     "stagegate_proxy_reservations_unsettled",
-    "Token reservations that could not be settled after the call (they expire with their"
-    " window).",
+    "Token reservations that could not be settled after the call (they expire with their window).",
 )
 USAGE_PENDING = Gauge(
     "stagegate_usage_events_pending",
@@ -135,11 +134,13 @@ def child(metric, *labels: str):
     return found
 
 
-class ReleaseCollector:
-    """Each release's stage and state, and its latest review's criteria, read from the
-    database when scraped (at most every ``ttl`` seconds; a scrape in between gets the
-    same figures). The values live in the database, not in a process, so whichever
-    worker answers the scrape reports the same thing."""
+class DatabaseCollector:
+    """Gauges read from the database when scraped (at most every ``ttl`` seconds; a
+    scrape in between gets the same figures). The values live in the database, not in
+    a process, so whichever worker answers the scrape reports the same thing; a
+    subclass says which in ``_families``."""
+
+    what = "database metrics"  # for the log line when they cannot be read
 
     def __init__(self, ttl: float = 10.0) -> None:
         self.ttl = ttl
@@ -149,12 +150,31 @@ class ReleaseCollector:
         return []  # collected only on scrape: registering must not query the database
 
     def _families(self) -> list:
+        raise NotImplementedError
+
+    def collect(self):
         from django.db import close_old_connections, connection
 
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] >= self.ttl:
+            if not connection.in_atomic_block:  # a scrape's thread may hold a dead connection
+                close_old_connections()
+            try:
+                self._cached = (now, self._families())
+            except Exception:  # a scrape must still answer with the proxy's own series
+                log.exception("could not read %s", self.what)
+                return []
+        return self._cached[1]
+
+
+class ReleaseCollector(DatabaseCollector):
+    """Each release's stage and state, and its latest review's criteria."""
+
+    what = "release and review metrics"
+
+    def _families(self) -> list:
         from rollout.status import release_status
 
-        if not connection.in_atomic_block:  # a scrape's thread may hold a dead connection
-            close_old_connections()
         stage = GaugeMetricFamily(
             "stagegate_release_stage",
             "Position of the release's current stage in its plan (0 = first); the stage label"
@@ -207,29 +227,42 @@ class ReleaseCollector:
                     threshold.add_metric(labels, result["threshold"])
         return [stage, paused, observed, threshold, passed, recommendation, reviewed_at]
 
-    def collect(self):
-        now = time.monotonic()
-        if self._cached is None or now - self._cached[0] >= self.ttl:
-            try:
-                self._cached = (now, self._families())
-            except Exception:  # a scrape must still answer with the proxy's own series
-                log.exception("could not read release and review metrics")
-                return []
-        return self._cached[1]
+
+class AuditCollector(DatabaseCollector):
+    """The audit chain's latest seq. Read at scrape time rather than set by the task
+    that publishes checkpoints: that task runs on a Celery worker, which nothing
+    scrapes. Prometheus keeps the history outside the database, so a seq that goes
+    down (rows cut from the end) shows there whatever the database says later."""
+
+    what = "the audit chain's latest seq"
+
+    def _families(self) -> list:
+        from monitoring.checkpoints import latest_checkpoint
+
+        seq = GaugeMetricFamily(
+            "stagegate_audit_checkpoint_seq",
+            "Seq of the audit log's latest row; it only ever grows (a drop means rows were"
+            " removed: check with verify_audit --checkpoint).",
+        )
+        seq.add_metric([], latest_checkpoint().seq)
+        return [seq]
 
 
-RELEASES = CollectorRegistry(auto_describe=False)
-RELEASES.register(ReleaseCollector())
+# Series read from the database at scrape time (DatabaseCollector), apart from the
+# per-process ones above.
+FROM_DATABASE = CollectorRegistry(auto_describe=False)
+FROM_DATABASE.register(ReleaseCollector())
+FROM_DATABASE.register(AuditCollector())
 
 
 def render() -> bytes:
     """The exposition text for a scrape, merged across worker processes if needed,
-    followed by the release and review gauges."""
+    followed by the gauges read from the database."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry) + generate_latest(RELEASES)
-    return generate_latest() + generate_latest(RELEASES)
+        return generate_latest(registry) + generate_latest(FROM_DATABASE)
+    return generate_latest() + generate_latest(FROM_DATABASE)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stagegate.celery import RETRIED, app
+from stagegate.webhooks import WebhookFailed
 
 
 @app.task(name="stagegate.rollup_usage", **RETRIED)
@@ -17,4 +18,22 @@ def rollup_usage() -> dict:
         "chunks": report.chunks,
         "rolled_up_to": report.rolled_up_to.isoformat() if report.rolled_up_to else None,
         "skipped": report.skipped,
+    }
+
+
+@app.task(
+    name="stagegate.publish_audit_checkpoint",
+    **{**RETRIED, "autoretry_for": (*RETRIED["autoretry_for"], WebhookFailed)},
+)
+def publish_audit_checkpoint() -> dict:
+    """Publish the audit chain's latest seq and hash outside the database
+    (monitoring.checkpoints); a second run with no new row appends nothing."""
+    from monitoring.checkpoints import publish_checkpoint
+
+    published = publish_checkpoint()
+    return {
+        "seq": published.checkpoint.seq,
+        "hash": published.checkpoint.hash,
+        "appended": published.appended,
+        "posted": published.posted,
     }

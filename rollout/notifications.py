@@ -8,13 +8,11 @@ task retries it a bounded number of times.
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 from django.conf import settings
 from django.core.mail import send_mail
 
 from rollout.models import StageTransition
+from stagegate.webhooks import WebhookFailed, post_json
 
 
 class NotificationFailed(Exception):
@@ -59,19 +57,10 @@ def notify_transition(transition_id: str) -> dict:
     sent = {"webhook": False, "emails": 0}
     url = settings.STAGEGATE_NOTIFY_WEBHOOK_URL
     if url:
-        request = urllib.request.Request(  # noqa: S310 - an operator-configured http(s) URL
-            url,
-            data=json.dumps(message).encode(),
-            headers={"Content-Type": "application/json", "User-Agent": "stagegate"},
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-                status = response.status
-        except OSError as exc:
-            raise NotificationFailed(f"webhook {url}: {exc}") from exc
-        if not 200 <= status < 300:
-            raise NotificationFailed(f"webhook {url} answered {status}")
+            post_json(url, message)
+        except WebhookFailed as exc:
+            raise NotificationFailed(str(exc)) from exc
         sent["webhook"] = True
     recipients = settings.STAGEGATE_NOTIFY_EMAILS
     if recipients:

@@ -293,6 +293,15 @@ STAGEGATE_TELEMETRY_MAX_STALENESS = env_int(
 # e-mail through Django's e-mail backend (EMAIL_* settings).
 STAGEGATE_NOTIFY_WEBHOOK_URL = env_str("STAGEGATE_NOTIFY_WEBHOOK_URL", "")
 STAGEGATE_NOTIFY_EMAILS = env_list("STAGEGATE_NOTIFY_EMAILS", [])
+# Audit checkpoints (monitoring/checkpoints.py, docs/operations.md): the chain's latest
+# seq and hash, published outside the database this often, so that verify_audit
+# --checkpoint tells a cut tail or a rewrite from an intact chain. Keep the file (and
+# the webhook's receiver) where the database's admins cannot write.
+STAGEGATE_AUDIT_CHECKPOINT_INTERVAL = env_int("STAGEGATE_AUDIT_CHECKPOINT_INTERVAL", 300, minimum=1)
+STAGEGATE_AUDIT_CHECKPOINT_FILE = Path(
+    env_str("STAGEGATE_AUDIT_CHECKPOINT_FILE", str(VAR_DIR / "audit-checkpoints.jsonl"))
+)
+STAGEGATE_AUDIT_CHECKPOINT_WEBHOOK_URL = env_str("STAGEGATE_AUDIT_CHECKPOINT_WEBHOOK_URL", "")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "stagegate@localhost")
 EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",

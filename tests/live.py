@@ -9,6 +9,7 @@ the SQLite test file), so tests use ``live_db`` (committed data) and
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -31,6 +34,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class Webhook:
+    """A real HTTP endpoint on a free port that records the JSON bodies POSTed to it
+    and answers ``status``."""
+
+    def __init__(self) -> None:
+        self.status = 204
+        self.requests: list[tuple[str, dict]] = []
+        received = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.requests.append((self.headers["Content-Type"], json.loads(body)))
+                self.send_response(received.status)
+                self.end_headers()
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/stagegate"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def bodies(self) -> list[dict]:
+        return [body for _, body in self.requests]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
 
 
 def wait_until(check, *, timeout: float, what: str, interval: float = 0.02):

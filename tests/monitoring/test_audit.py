@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -25,17 +27,24 @@ def _write(n: int) -> list[AuditEvent]:
     return events
 
 
-def _tamper(sql: str, params=()) -> None:
-    """Change the table behind the triggers' back, as an attacker with DDL rights could."""
+@contextmanager
+def _triggers_off():
+    """A cursor that changes the table behind the triggers' back, as an attacker with
+    DDL rights could. (On SQLite the triggers stay dropped for the rest of the test.)"""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute("ALTER TABLE monitoring_auditevent DISABLE TRIGGER USER")
-            cursor.execute(sql, params)
+            yield cursor
             cursor.execute("ALTER TABLE monitoring_auditevent ENABLE TRIGGER USER")
         else:
-            cursor.execute("DROP TRIGGER monitoring_auditevent_no_update")
-            cursor.execute("DROP TRIGGER monitoring_auditevent_no_delete")
-            cursor.execute(sql, params)
+            cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_update")
+            cursor.execute("DROP TRIGGER IF EXISTS monitoring_auditevent_no_delete")
+            yield cursor
+
+
+def _tamper(sql: str, params=()) -> None:
+    with _triggers_off() as cursor:
+        cursor.execute(sql, params)
 
 
 def test_chain_of_untouched_rows_verifies(db):

@@ -10,10 +10,7 @@ rollout admin, reviewers rita and ruth, viewer vera.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.contrib.messages import get_messages
@@ -182,43 +179,9 @@ def test_render_includes_the_release_and_review_series(mini, ada):
 # --- notifications --------------------------------------------------------------------------
 
 
-class Webhook:
-    """A real HTTP endpoint on a free port that records the JSON bodies POSTed to it
-    and answers ``status``."""
-
-    def __init__(self) -> None:
-        self.status = 204
-        self.requests: list[tuple[str, dict]] = []
-        received = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.requests.append((self.headers["Content-Type"], json.loads(body)))
-                self.send_response(received.status)
-                self.end_headers()
-
-            def log_message(self, format, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", live.free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/stagegate"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def bodies(self) -> list[dict]:
-        return [body for _, body in self.requests]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture
 def webhook(settings):
-    hook = Webhook()
+    hook = live.Webhook()
     settings.STAGEGATE_NOTIFY_WEBHOOK_URL = hook.url
     yield hook
     hook.stop()
