@@ -6,18 +6,27 @@ key with the key quoted in the reason left it active."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
 from django.apps import apps
 from django.core import serializers
 from django.core.management import call_command
+from hypothesis import given
+from hypothesis import strategies as st
 
 from access import keys
 from access.models import ApiKey, Organization
 from monitoring import audit
 from monitoring.models import AuditEvent
-from monitoring.redaction import REDACTED, RedactSecretsFilter, redact_secrets
+from monitoring.redaction import (
+    REDACTED,
+    SECRET_PATTERN,
+    RedactSecretsFilter,
+    redact_json,
+    redact_secrets,
+)
 from rollout.models import Incident, RolloutPlan, StageTransition
 from rollout.plans import apply_plan
 from tests.factories import EXAMPLE_PLAN
@@ -79,6 +88,35 @@ def test_redact_secrets_leaves_other_text_alone():
         "plain text, snake_case_words and an_underscore",
     ]
     assert [redact_secrets(text) for text in texts] == texts
+
+
+_RAW_KEY, _KEY_ID = keys.generate_key()
+_PIECES = [
+    _RAW_KEY,
+    _RAW_KEY.upper(),
+    "sgk_",
+    _KEY_ID,
+    "_",
+    _secret(_RAW_KEY)[:12],
+    "\x00",
+    "\n",
+    "é",
+    "\\",
+    '"',
+    " ",
+    REDACTED,
+]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join))
+def test_no_text_leaves_a_secret_for_the_audit_guard_to_find(text):
+    """What ``audit.record`` checks after redacting: the JSON of the row's strings."""
+    redacted = redact_json({text: [text, {"note": text}]})
+
+    written = json.dumps(redacted)
+    assert SECRET_PATTERN.search(written) is None
+    assert _secret(_RAW_KEY).upper() not in written.upper()
+    assert redact_secrets(redact_secrets(text)) == redact_secrets(text)
 
 
 # --- the audit log -------------------------------------------------------------------------
