@@ -23,6 +23,12 @@ class OrganizationAdmin(AuditedModelAdmin):
     readonly_fields = ("public_id",)
     inlines = [MembershipInline]
 
+    def get_readonly_fields(self, request, obj=None):
+        # Rollout plans name organizations by slug: it is set once, when created.
+        if obj is not None:
+            return (*self.readonly_fields, "slug")
+        return self.readonly_fields
+
 
 @admin.register(Verification)
 class VerificationAdmin(AuditedModelAdmin):

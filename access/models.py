@@ -1,12 +1,27 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models.functions import Lower
 
 from monitoring.redaction import RedactedCharField, RedactedTextField
+from rollout.plan_schema import SLUG_PATTERN
 from stagegate.ids import new_key_public_id, new_membership_id, new_org_id, new_verification_id
+
+ORG_SLUG_RULE = (
+    "lower-case letters, digits, hyphens and underscores, starting with a letter or digit"
+)
+
+
+def validate_org_slug(value: str) -> None:
+    """An organization slug is one a rollout plan can name in ``allow_orgs`` and
+    ``deny_orgs`` (the plan's slug pattern; SlugField adds that it has no dot)."""
+    if not isinstance(value, str) or not re.fullmatch(SLUG_PATTERN, value):
+        raise ValidationError(f"must be {ORG_SLUG_RULE}", code="invalid_slug")
 
 
 class Tier(models.TextChoices):
@@ -22,7 +37,11 @@ class Organization(models.Model):
     verifications."""
 
     public_id = models.CharField(max_length=24, unique=True, default=new_org_id, editable=False)
-    slug = models.SlugField(max_length=63, unique=True)
+    # Immutable once created (access.organizations.update_organization): rollout plans
+    # name organizations by slug, and the cohort hash is taken over it.
+    slug = models.SlugField(
+        max_length=63, unique=True, validators=[validate_org_slug], help_text=ORG_SLUG_RULE
+    )
     name = RedactedCharField(max_length=200)
     tier = models.CharField(max_length=32, choices=Tier.choices, default=Tier.PUBLIC)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -30,6 +49,11 @@ class Organization(models.Model):
 
     class Meta:
         ordering = ["slug"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(slug=Lower("slug")), name="organization_slug_lower_case"
+            )
+        ]
 
     def __str__(self) -> str:
         return self.slug

@@ -7,9 +7,10 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from access.models import Membership, MembershipRole, Organization
+from access.models import Membership, MembershipRole, Organization, validate_org_slug
 from access.tiers import tier_changes_audited
 from monitoring import audit
+from stagegate.errors import Refused
 
 ORG_FIELDS = ("slug", "name", "tier")
 
@@ -19,6 +20,7 @@ class AlreadyMember(ValueError):
 
 
 def create_organization(*, slug: str, name: str, tier: str, actor) -> Organization:
+    validate_org_slug(slug)
     with transaction.atomic():
         organization = Organization.objects.create(slug=slug, name=name, tier=tier)
         audit.record(
@@ -32,9 +34,13 @@ def create_organization(*, slug: str, name: str, tier: str, actor) -> Organizati
 
 
 def update_organization(organization: Organization, *, actor, **changes: str) -> Organization:
-    """Change some of slug, name and tier; audited as ``org.updated`` with the old and
-    new value of every field that changed (nothing written when nothing changed).
-    A tier change that changes the effective tier at a release is audited too."""
+    """Change name and tier; audited as ``org.updated`` with the old and new value of
+    every field that changed (nothing written when nothing changed). A tier change that
+    changes the effective tier at a release is audited too.
+
+    The slug may be given but not changed (Refused ``slug_immutable``, 400): rollout
+    plans name organizations by slug in ``allow_orgs``, ``deny_orgs`` and the cohort
+    hash, so a new slug would silently change which rules apply to the organization."""
     unknown = set(changes) - set(ORG_FIELDS)
     if unknown:
         raise ValueError(f"cannot change {sorted(unknown)} of an organization")
@@ -46,6 +52,13 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
             for field, value in changes.items()
             if getattr(organization, field) != value
         }
+        if "slug" in changed:
+            raise Refused(
+                "slug_immutable",
+                f"the slug of {organization.slug} cannot change: rollout plans name"
+                " organizations by slug",
+                status=400,
+            )
         if not changed:
             return organization
         cause = f"organization {', '.join(changed)} changed"

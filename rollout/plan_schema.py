@@ -65,7 +65,10 @@ Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
 PositiveCount = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
 Rate = Annotated[float, Field(strict=True, ge=0, le=1)]
 PositiveRate = Annotated[float, Field(strict=True, gt=0, le=1)]
-Slug = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+# Release names and organization slugs: lower case, so that a plan can name every
+# organization there is (access.models.validate_org_slug applies the same pattern).
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+Slug = Annotated[str, Field(strict=True, pattern=SLUG_PATTERN)]
 StageName = Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_]{0,39}$")]
 # Control characters but tab and line breaks (which YAML block text is made of):
 # PostgreSQL cannot store NUL, and the others only ever come from a mistake or an attack.

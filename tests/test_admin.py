@@ -68,6 +68,50 @@ def test_admin_change_is_audited_with_changed_fields(admin_client, northwind):
     assert Organization.objects.get(pk=northwind.pk).tier == "verified_commercial"
 
 
+def test_admin_cannot_rename_an_org_slug(admin_client, northwind):
+    url = reverse("admin:access_organization_change", args=[northwind.pk])
+    form = admin_client.get(url).content.decode()
+
+    response = admin_client.post(
+        url,
+        {
+            "slug": "renamed",
+            "name": "Northwind Research",
+            "tier": "public",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        },
+    )
+
+    assert 'name="slug"' not in form
+    assert response.status_code == 302
+    assert Organization.objects.get(pk=northwind.pk).slug == "northwind-research"
+    event = AuditEvent.objects.get(action="admin.organization.changed")
+    assert event.data == {"tier": "public"}
+
+
+def test_admin_refuses_an_upper_case_org_slug(admin_client):
+    response = admin_client.post(
+        reverse("admin:access_organization_add"),
+        {
+            "slug": "Globex",
+            "name": "Globex",
+            "tier": "public",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        },
+    )
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {
+        "slug": [
+            "must be lower-case letters, digits, hyphens and underscores, starting with a"
+            " letter or digit"
+        ]
+    }
+    assert not Organization.objects.exists()
+
+
 def test_admin_password_change_is_audited_without_the_password(admin_client, ada):
     url = reverse("admin:auth_user_password_change", args=[ada.pk])
     response = admin_client.post(

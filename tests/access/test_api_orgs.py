@@ -130,6 +130,72 @@ def test_duplicate_slug_is_invalid(login_as, ada, northwind):
     assert list(response.json()["error"]["details"]) == ["slug"]
 
 
+@pytest.mark.parametrize("slug", ["Globex", "GLOBEX", "-globex", "_globex", "globex.io"])
+def test_org_slug_must_be_a_lower_case_slug_plans_can_name(login_as, ada, slug):
+    response = login_as(ada).post(
+        "/api/orgs/", {"slug": slug, "name": "Globex", "tier": "public"}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert list(response.json()["error"]["details"]) == ["slug"]
+    assert not Organization.objects.exists()
+    assert _audit("org.created") == []
+
+
+def test_upper_case_slug_is_refused_with_the_rule(login_as, ada):
+    response = login_as(ada).post(
+        "/api/orgs/", {"slug": "Globex", "name": "Globex", "tier": "public"}, format="json"
+    )
+
+    assert response.json()["error"]["details"] == {
+        "slug": [
+            "must be lower-case letters, digits, hyphens and underscores, starting with a"
+            " letter or digit"
+        ]
+    }
+
+
+@pytest.mark.parametrize("method", ["patch", "put"])
+def test_org_slug_cannot_be_renamed(login_as, ada, northwind, method):
+    body = {"slug": "northwind", "name": "Northwind", "tier": "research_partner"}
+
+    response = getattr(login_as(ada), method)(
+        f"/api/orgs/{northwind.public_id}/", body, format="json"
+    )
+
+    assert (response.status_code, response.json()) == (
+        400,
+        {
+            "error": {
+                "code": "slug_immutable",
+                "message": "the slug of northwind-research cannot change: rollout plans name"
+                " organizations by slug",
+            }
+        },
+    )
+    northwind.refresh_from_db()
+    assert (northwind.slug, northwind.name) == ("northwind-research", "Northwind Research")
+    assert _audit("org.updated") == []
+
+
+def test_org_update_may_restate_the_slug(login_as, ada, northwind):
+    body = {"slug": "northwind-research", "name": "Northwind", "tier": "research_partner"}
+
+    response = login_as(ada).put(f"/api/orgs/{northwind.public_id}/", body, format="json")
+
+    assert response.status_code == 200
+    assert _audit("org.updated") == [
+        (
+            "ada",
+            northwind.public_id,
+            {
+                "slug": "northwind-research",
+                "changes": {"name": {"from": "Northwind Research", "to": "Northwind"}},
+            },
+        )
+    ]
+
+
 def test_org_admin_cannot_change_their_orgs_tier(login_as, oscar, northwind):
     response = login_as(oscar).patch(
         f"/api/orgs/{northwind.public_id}/", {"tier": "verified_commercial"}, format="json"

@@ -133,6 +133,25 @@ def test_validate_refuses_a_plan_without_the_current_stage(login_as, ada, releas
     assert [e["code"] for e in response.json()["error"]["details"]] == ["current_stage_removed"]
 
 
+@pytest.mark.parametrize("rule", ["allow_orgs", "deny_orgs"])
+def test_validate_refuses_an_upper_case_org_slug(login_as, ada, example, rule):
+    # Organization slugs are lower case (access.models.validate_org_slug), so a plan
+    # naming one in upper case could never match an organization.
+    doc = copy.deepcopy(example)
+    doc["stages"][0][rule] = ["Northwind-Research"]
+
+    response = login_as(ada).post("/api/plans/validate/", {"document": doc}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == [
+        {
+            "path": f"stages[0].{rule}[0]",
+            "message": "string should match pattern '^[a-z0-9][a-z0-9._-]{0,62}$'",
+            "code": "string_pattern_mismatch",
+        }
+    ]
+
+
 # --- apply -------------------------------------------------------------------------------------
 
 
