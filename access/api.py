@@ -22,6 +22,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from access import keys, organizations, verifications
@@ -60,13 +61,23 @@ def _visible_org(request, public_id: str) -> Organization:
 
 # --- organizations ---------------------------------------------------------------------------
 
+SLUG_IS_FIXED = (
+    "The slug is fixed at creation: rollout plans name organizations by slug, so a "
+    "different slug is refused with 400 `slug_immutable`."
+)
+
 
 @extend_schema_view(
     list=extend_schema(summary="List organizations (org admins: only their own)"),
     retrieve=extend_schema(summary="An organization with its effective tier per release"),
     create=extend_schema(summary="Create an organization (rollout admin)"),
-    update=extend_schema(summary="Change an organization (rollout admin)"),
-    partial_update=extend_schema(summary="Change some fields of an organization (rollout admin)"),
+    update=extend_schema(
+        summary="Change an organization (rollout admin)", description=SLUG_IS_FIXED
+    ),
+    partial_update=extend_schema(
+        summary="Change some fields of an organization (rollout admin)",
+        description=SLUG_IS_FIXED,
+    ),
 )
 class OrganizationViewSet(
     mixins.ListModelMixin,
@@ -113,6 +124,10 @@ ORG_PATH = OpenApiParameter(
     list=extend_schema(summary="Members of an organization", parameters=[ORG_PATH]),
     create=extend_schema(
         summary="Add a member (rollout admin or the organization's org admin)",
+        description="A rollout admin adds any active user. An org admin adds only an "
+        "active user with no staff standing who is not a member of an organization they "
+        "do not administer; every other username, whether it exists or not, gets the same "
+        "400 (`username`: no user you may add has this username).",
         parameters=[ORG_PATH],
         responses={201: MembershipSerializer, 400: INVALID, 404: NOT_FOUND, 409: CONFLICT},
     ),
@@ -152,10 +167,12 @@ class MembershipViewSet(
         try:
             serializer.instance = organizations.add_member(
                 organization=self.organization(),
-                user=serializer.validated_data["user"],
+                username=serializer.validated_data["username"],
                 role=serializer.validated_data["role"],
                 actor=self.request.user,
             )
+        except organizations.NotAddable as exc:
+            raise ValidationError({"username": [str(exc)]}) from None
         except organizations.AlreadyMember as exc:
             raise Conflict(str(exc), code="already_member") from None
 

@@ -3,20 +3,34 @@ in the transaction that makes it."""
 
 from __future__ import annotations
 
+import logging
+
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from access.models import Membership, MembershipRole, Organization, validate_org_slug
+from access.roles import STAFF_ROLES, admin_org_ids, is_rollout_admin
 from access.tiers import tier_changes_audited
 from monitoring import audit
+from monitoring.redaction import redact_secrets
 from stagegate.errors import Refused
 
+log = logging.getLogger(__name__)
+
 ORG_FIELDS = ("slug", "name", "tier")
+# One answer for every username an org admin may not add, whether or not it exists, so
+# that the answer cannot be used to find out which usernames exist.
+NOT_ADDABLE = "no user you may add has this username"
 
 
 class AlreadyMember(ValueError):
     """The user already has a membership in the organization."""
+
+
+class NotAddable(ValueError):
+    """No user that the actor may add has this username (``NOT_ADDABLE``, whatever the
+    reason: no such user, inactive, staff, or another organization's member)."""
 
 
 def create_organization(*, slug: str, name: str, tier: str, actor) -> Organization:
@@ -44,6 +58,9 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
     unknown = set(changes) - set(ORG_FIELDS)
     if unknown:
         raise ValueError(f"cannot change {sorted(unknown)} of an organization")
+    # Compared as they would be stored (a name holds no API key's secret), so the same
+    # key-shaped name given twice is no change the second time.
+    changes = {field: redact_secrets(value) for field, value in changes.items()}
     now = timezone.now()
     with transaction.atomic():
         organization = Organization.objects.select_for_update().get(pk=organization.pk)
@@ -76,15 +93,42 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
     return organization
 
 
-def find_member_candidate(username: str):
-    """The active user called ``username``, or None."""
-    return get_user_model().objects.filter(username=username, is_active=True).first()
+def find_member_candidate(*, username: str, actor):
+    """The user called ``username`` whom ``actor`` may add to an organization, or None.
+
+    A rollout admin may add any active user. Anyone else (an org admin, whose view
+    already limits them to the organizations they administer) may add only an active
+    user with no staff standing (superuser, Django staff, or a staff role) and no
+    membership of an organization the actor does not administer: an org admin enlists
+    their own people, never staff or another organization's. One query whatever the
+    reason, so a refusal takes as long as an unknown username.
+    """
+    users = get_user_model().objects.filter(username=username, is_active=True)
+    if not is_rollout_admin(actor):
+        elsewhere = Membership.objects.exclude(organization_id__in=admin_org_ids(actor))
+        users = (
+            users.filter(is_superuser=False, is_staff=False)
+            .exclude(groups__name__in=STAFF_ROLES)
+            .exclude(memberships__in=elsewhere)
+        )
+    return users.first()
 
 
 def add_member(
-    *, organization: Organization, user, role: str = MembershipRole.MEMBER, actor
+    *, organization: Organization, username: str, role: str = MembershipRole.MEMBER, actor
 ) -> Membership:
-    """Give ``user`` a membership in ``organization``; AlreadyMember if they have one."""
+    """Give the user called ``username`` a membership in ``organization``; NotAddable
+    when ``find_member_candidate`` finds no one ``actor`` may add, AlreadyMember when
+    they already have one."""
+    user = find_member_candidate(username=username, actor=actor)
+    if user is None:
+        # A signal for whoever watches the logs when an org admin probes for staff or
+        # other organizations' people; the caller only ever sees NOT_ADDABLE. The
+        # username itself is not logged: it is client text and could hold anything.
+        log.warning(
+            "%s was refused adding a user to %s", audit.actor_label(actor), organization.slug
+        )
+        raise NotAddable(NOT_ADDABLE)
     try:
         with transaction.atomic():
             membership = Membership.objects.create(user=user, organization=organization, role=role)

@@ -20,7 +20,6 @@ from access.models import (
     Verification,
     VerificationStatus,
 )
-from access.organizations import find_member_candidate
 from access.tiers import effective_tiers_by_release
 
 KEY_STATUSES = ("active", "revoked", "expired")
@@ -71,11 +70,8 @@ class MembershipSerializer(serializers.ModelSerializer):
         read_only_fields = ("public_id", "created_at")
 
     def validate(self, attrs):
-        username = attrs.pop("user")["username"]
-        user = find_member_candidate(username)
-        if user is None:
-            raise serializers.ValidationError({"username": ["no active user has this username"]})
-        attrs["user"] = user
+        # Whom the requester may add is the service's decision (organizations.add_member).
+        attrs["username"] = attrs.pop("user")["username"]
         return attrs
 
 

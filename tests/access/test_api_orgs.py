@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -121,13 +122,14 @@ def test_unchanged_update_writes_no_audit_row(login_as, ada, tartu):
     assert _audit("org.updated") == []
 
 
-def test_duplicate_slug_is_invalid(login_as, ada, northwind):
+def test_duplicate_slug_is_a_conflict(login_as, ada, northwind):
     response = login_as(ada).post(
         "/api/orgs/", {"slug": northwind.slug, "name": "Again", "tier": "public"}, format="json"
     )
 
-    assert response.status_code == 400
-    assert list(response.json()["error"]["details"]) == ["slug"]
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert (error["code"], list(error["details"])) == ("already_exists", ["slug"])
 
 
 @pytest.mark.parametrize("slug", ["Globex", "GLOBEX", "-globex", "_globex", "globex.io"])
@@ -277,13 +279,95 @@ def test_org_admin_adds_and_removes_a_member_audited(login_as, oscar, northwind,
     assert _audit("membership.removed") == [("oscar", membership.public_id, expected)]
 
 
+NOT_ADDABLE = {
+    "error": {
+        "code": "invalid",
+        "message": "invalid input: username: no user you may add has this username",
+        "details": {"username": ["no user you may add has this username"]},
+    }
+}
+
+
 def test_adding_an_unknown_user_is_invalid(login_as, ada, northwind):
     response = login_as(ada).post(
         f"/api/orgs/{northwind.public_id}/members/", {"username": "ghost"}, format="json"
     )
 
-    assert response.status_code == 400
-    assert response.json()["error"]["details"] == {"username": ["no active user has this username"]}
+    assert (response.status_code, response.json()) == (400, NOT_ADDABLE)
+
+
+@pytest.fixture
+def strangers(ada, rita, vera, olga, acme) -> list[str]:
+    """Users an org admin of northwind may not add, and a username nobody has: staff of
+    every kind, an inactive user, and the org admin and a member of acme."""
+    User = get_user_model()
+    User.objects.create_superuser("root", "root@example.org", "root-pass-5521")
+    flags = {
+        "sudo": {"is_superuser": True},
+        "djstaff": {"is_staff": True},
+        "gone": {"is_active": False},
+    }
+    for username, flag in flags.items():
+        make_user(username)
+        User.objects.filter(username=username).update(**flag)
+    Membership.objects.create(user=make_user("mia"), organization=acme, role="member")
+    return ["ghost", "ada", "rita", "vera", "root", "sudo", "djstaff", "gone", "olga", "mia"]
+
+
+def test_org_admin_cannot_add_staff_or_other_orgs_people_nor_tell_them_from_unknown_names(
+    login_as, oscar, northwind, strangers
+):
+    client = login_as(oscar)
+    url = f"/api/orgs/{northwind.public_id}/members/"
+
+    answers = [client.post(url, {"username": name}, format="json") for name in strangers]
+
+    assert [(a.status_code, a.json()) for a in answers] == [(400, NOT_ADDABLE)] * len(strangers)
+    assert list(northwind.memberships.values_list("user__username", flat=True)) == ["oscar"]
+    assert _audit("membership.added") == []
+
+
+def test_org_admins_refusal_is_logged_without_the_username(login_as, oscar, northwind, caplog):
+    login_as(oscar).post(
+        f"/api/orgs/{northwind.public_id}/members/", {"username": "ghost-7"}, format="json"
+    )
+
+    assert [r.getMessage() for r in caplog.records if r.name == "access.organizations"] == [
+        "oscar was refused adding a user to northwind-research"
+    ]
+
+
+def test_org_admin_adds_a_member_of_another_org_they_administer(login_as, oscar, northwind):
+    sister = make_org("northwind-labs", "public")
+    Membership.objects.create(user=oscar, organization=sister, role="org_admin")
+    Membership.objects.create(user=make_user("mia"), organization=sister, role="member")
+
+    response = login_as(oscar).post(
+        f"/api/orgs/{northwind.public_id}/members/", {"username": "mia"}, format="json"
+    )
+
+    assert response.status_code == 201
+    assert [data["user"] for _, _, data in _audit("membership.added")] == ["mia"]
+
+
+def test_rollout_admin_adds_staff_and_other_orgs_people_audited(
+    login_as, ada, northwind, strangers
+):
+    client = login_as(ada)
+    url = f"/api/orgs/{northwind.public_id}/members/"
+
+    answers = [
+        client.post(url, {"username": name, "role": "member"}, format="json").status_code
+        for name in ("rita", "root", "olga", "mia")
+    ]
+
+    assert answers == [201] * 4
+    assert [(actor, data["user"]) for actor, _, data in _audit("membership.added")] == [
+        ("ada", "rita"),
+        ("ada", "root"),
+        ("ada", "olga"),
+        ("ada", "mia"),
+    ]
 
 
 def test_adding_an_existing_member_is_a_conflict(login_as, ada, northwind, oscar):
