@@ -65,8 +65,8 @@ Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
 PositiveCount = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
 Rate = Annotated[float, Field(strict=True, ge=0, le=1)]
 PositiveRate = Annotated[float, Field(strict=True, gt=0, le=1)]
-# Release names and organization slugs: lower case, so that a plan can name every
-# organization there is (access.models.validate_org_slug applies the same pattern).
+# Release names and organization slugs: lower case. Organization slugs are held to this
+# pattern without the dot (access.models.ORG_SLUG_PATTERN), so a plan can name every one.
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 Slug = Annotated[str, Field(strict=True, pattern=SLUG_PATTERN)]
 StageName = Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_]{0,39}$")]

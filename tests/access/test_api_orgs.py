@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -9,9 +10,18 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
 
-from access.models import Membership, Organization, Verification, VerificationStatus
+from access.models import (
+    ORG_SLUG_PATTERN,
+    Membership,
+    Organization,
+    Verification,
+    VerificationStatus,
+)
 from monitoring.models import AuditEvent
+from rollout.plan_schema import SLUG_PATTERN
 from tests.factories import make_org, make_user
 
 CAST_SLUGS = ["acme-commercial", "northwind-research", "public-dev", "tartu-university"]
@@ -142,6 +152,11 @@ def test_org_slug_must_be_a_lower_case_slug_plans_can_name(login_as, ada, slug):
     assert list(response.json()["error"]["details"]) == ["slug"]
     assert not Organization.objects.exists()
     assert _audit("org.created") == []
+
+
+@given(st.from_regex(ORG_SLUG_PATTERN, fullmatch=True))
+def test_every_org_slug_is_one_a_plan_can_name(slug):
+    assert re.fullmatch(SLUG_PATTERN, slug)
 
 
 def test_upper_case_slug_is_refused_with_the_rule(login_as, ada):
