@@ -37,6 +37,7 @@ from access.serializers import (
     MembershipSerializer,
     OrganizationDetailSerializer,
     OrganizationSerializer,
+    VerificationCreateSerializer,
     VerificationRevokeSerializer,
     VerificationSerializer,
     VerificationValidateSerializer,
@@ -212,11 +213,11 @@ class VerificationViewSet(
 
     @extend_schema(
         summary="Record a verification (rollout admin)",
-        request=VerificationSerializer,
+        request=VerificationCreateSerializer,
         responses={201: VerificationSerializer, 400: INVALID, 404: NOT_FOUND},
     )
     def create(self, request):
-        serializer = VerificationSerializer(data=request.data)
+        serializer = VerificationCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
         organization = _visible_org(request, data.pop("organization"))

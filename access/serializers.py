@@ -21,6 +21,7 @@ from access.models import (
     VerificationStatus,
 )
 from access.tiers import effective_tiers_by_release
+from stagegate.api import ModelSerializer, Serializer, StrictCharField
 
 KEY_STATUSES = ("active", "revoked", "expired")
 # A rotation grace longer than this is a second key in disguise; issue one instead.
@@ -36,7 +37,7 @@ def _in_future(value):
 # --- organizations -------------------------------------------------------------------------
 
 
-class OrganizationSerializer(serializers.ModelSerializer):
+class OrganizationSerializer(ModelSerializer):
     class Meta:
         model = Organization
         fields = ("public_id", "slug", "name", "tier", "created_at")
@@ -55,13 +56,13 @@ class OrganizationDetailSerializer(OrganizationSerializer):
     class Meta(OrganizationSerializer.Meta):
         fields = (*OrganizationSerializer.Meta.fields, "effective_tiers")
 
-    @extend_schema_field(serializers.DictField(child=serializers.CharField()))
+    @extend_schema_field(serializers.DictField(child=StrictCharField()))
     def get_effective_tiers(self, organization: Organization) -> dict[str, str]:
         return effective_tiers_by_release(organization, timezone.now())
 
 
-class MembershipSerializer(serializers.ModelSerializer):
-    username = serializers.CharField(source="user.username", max_length=150)
+class MembershipSerializer(ModelSerializer):
+    username = StrictCharField(source="user.username", max_length=150)
     role = serializers.ChoiceField(choices=MembershipRole.choices, default=MembershipRole.MEMBER)
 
     class Meta:
@@ -78,11 +79,11 @@ class MembershipSerializer(serializers.ModelSerializer):
 # --- verifications -------------------------------------------------------------------------
 
 
-class VerificationSerializer(serializers.ModelSerializer):
-    """A verification; the same shape records a new one (organization, kind,
-    expires_at, evidence_note and status pending or valid are writable)."""
+class VerificationSerializer(ModelSerializer):
+    """A verification; ``VerificationCreateSerializer`` records a new one in the same
+    shape (organization, kind, expires_at, evidence_note and status are writable)."""
 
-    organization = serializers.CharField(
+    organization = StrictCharField(
         source="organization.public_id",
         max_length=24,
         help_text="public_id of the organization (org_…)",
@@ -90,9 +91,9 @@ class VerificationSerializer(serializers.ModelSerializer):
     status = serializers.ChoiceField(
         choices=VerificationStatus.choices,
         default=VerificationStatus.PENDING,
-        help_text="A new verification is pending, or valid when the evidence was checked.",
+        help_text="Where the evidence stands (a new one is pending or valid).",
     )
-    evidence_note = serializers.CharField(required=False, allow_blank=True, default="")
+    evidence_note = StrictCharField(required=False, allow_blank=True, default="")
     expires_at = serializers.DateTimeField(validators=[_in_future])
     verified_by = serializers.SlugRelatedField(
         slug_field="username", read_only=True, allow_null=True
@@ -113,22 +114,27 @@ class VerificationSerializer(serializers.ModelSerializer):
         )
         read_only_fields = ("public_id", "verified_by", "verified_at", "created_at")
 
-    def validate_status(self, value):
-        if value not in (VerificationStatus.PENDING, VerificationStatus.VALID):
-            raise serializers.ValidationError("a new verification is pending or valid")
-        return value
-
     def validate(self, attrs):
         attrs["organization"] = attrs["organization"]["public_id"]
         return attrs
 
 
-class VerificationRevokeSerializer(serializers.Serializer):
-    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=500)
+class VerificationCreateSerializer(VerificationSerializer):
+    """What records a new verification: its status is pending or valid, never more."""
+
+    status = serializers.ChoiceField(
+        choices=[VerificationStatus.PENDING, VerificationStatus.VALID],
+        default=VerificationStatus.PENDING,
+        help_text="pending, or valid when the evidence was checked.",
+    )
 
 
-class VerificationValidateSerializer(serializers.Serializer):
-    note = serializers.CharField(required=False, allow_blank=True, default="", max_length=500)
+class VerificationRevokeSerializer(Serializer):
+    reason = StrictCharField(required=False, allow_blank=True, default="", max_length=500)
+
+
+class VerificationValidateSerializer(Serializer):
+    note = StrictCharField(required=False, allow_blank=True, default="", max_length=500)
 
 
 # --- API keys --------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
     """What anyone allowed to see a key sees: never the secret, never its digest."""
 
     organization = serializers.SlugRelatedField(slug_field="public_id", read_only=True)
-    prefix = serializers.CharField(read_only=True, help_text="recognises the key; cannot use it")
+    prefix = StrictCharField(read_only=True, help_text="recognises the key; cannot use it")
     status = serializers.SerializerMethodField()
     rotated_from = serializers.SlugRelatedField(
         slug_field="public_id", read_only=True, allow_null=True
@@ -189,21 +195,19 @@ class IssuedKeySerializer(ApiKeySerializer):
         return self.context["raw_key"]
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
-    organization = serializers.CharField(
-        max_length=24, help_text="public_id of the organization (org_…)"
-    )
-    name = serializers.CharField(max_length=100)
+class ApiKeyCreateSerializer(Serializer):
+    organization = StrictCharField(max_length=24, help_text="public_id of the organization (org_…)")
+    name = StrictCharField(max_length=100)
     expires_at = serializers.DateTimeField(
         required=False, allow_null=True, default=None, validators=[_in_future]
     )
 
 
-class ApiKeyRevokeSerializer(serializers.Serializer):
-    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
+class ApiKeyRevokeSerializer(Serializer):
+    reason = StrictCharField(required=False, allow_blank=True, default="", max_length=200)
 
 
-class ApiKeyRotateSerializer(serializers.Serializer):
+class ApiKeyRotateSerializer(Serializer):
     grace_hours = serializers.IntegerField(
         required=False,
         min_value=0,

@@ -17,7 +17,7 @@ from rollout.models import (
     Severity,
     StageTransition,
 )
-from stagegate.api import choice_filter
+from stagegate.api import ModelSerializer, Serializer, StrictCharField, choice_filter
 
 
 class ReleaseSerializer(serializers.ModelSerializer):
@@ -113,9 +113,9 @@ class PlanSourceField(serializers.JSONField):
         return data
 
 
-class PlanSourceSerializer(serializers.Serializer):
+class PlanSourceSerializer(Serializer):
     document = PlanSourceField(help_text="The rollout plan: a JSON object or YAML text.")
-    comment = serializers.CharField(
+    comment = StrictCharField(
         required=False,
         allow_blank=True,
         default="",
@@ -126,21 +126,21 @@ class PlanSourceSerializer(serializers.Serializer):
 
 class PlanValidateResultSerializer(serializers.Serializer):
     valid = serializers.BooleanField()
-    release = serializers.CharField()
+    release = StrictCharField()
     changed = serializers.BooleanField(help_text="False when equal to the active version.")
     version = serializers.IntegerField(help_text="The version applying it would create.")
     previous_version = serializers.IntegerField(allow_null=True)
     created_release = serializers.BooleanField()
-    diff = serializers.CharField(help_text="Unified diff of the canonical YAML.")
+    diff = StrictCharField(help_text="Unified diff of the canonical YAML.")
 
 
 class PlanApplyResultSerializer(serializers.Serializer):
     changed = serializers.BooleanField()
-    release = serializers.CharField()
+    release = StrictCharField()
     version = serializers.IntegerField(help_text="The new version, or the active one.")
     previous_version = serializers.IntegerField(allow_null=True, required=False)
     created_release = serializers.BooleanField(required=False)
-    diff = serializers.CharField(required=False)
+    diff = StrictCharField(required=False)
 
 
 # --- reviews, approvals, incidents, transitions requested --------------------------------------
@@ -232,39 +232,39 @@ class ReviewDetailSerializer(ReviewSerializer):
         return transition.public_id if transition else None
 
 
-class ReviewRequestSerializer(serializers.Serializer):
-    release = serializers.CharField(help_text="The release's public_id or name.")
+class ReviewRequestSerializer(Serializer):
+    release = StrictCharField(help_text="The release's public_id or name.")
 
 
-class VerdictSerializer(serializers.Serializer):
-    comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+class VerdictSerializer(Serializer):
+    comment = StrictCharField(required=False, allow_blank=True, default="", max_length=2000)
 
 
 class ApproveResultSerializer(serializers.Serializer):
     approval = ApprovalSerializer()
     transition = TransitionSerializer(allow_null=True)
-    blocked = serializers.CharField(
+    blocked = StrictCharField(
         help_text="Why the approvals were complete but the advance was refused, or blank."
     )
 
 
-class ReasonSerializer(serializers.Serializer):
-    reason = serializers.CharField(max_length=1000, help_text="Why; kept in the audit log.")
+class ReasonSerializer(Serializer):
+    reason = StrictCharField(max_length=1000, help_text="Why; kept in the audit log.")
 
 
 class RollbackSerializer(ReasonSerializer):
-    from_stage = serializers.CharField(
+    from_stage = StrictCharField(
         required=False,
         max_length=40,
         help_text="Roll back only if the release is still in this stage (safe to repeat).",
     )
 
 
-class IncidentSerializer(serializers.ModelSerializer):
+class IncidentSerializer(ModelSerializer):
     release = serializers.SlugRelatedField(
         slug_field="name", queryset=Release.objects.all(), help_text="The release's name."
     )
-    stage = serializers.CharField(
+    stage = StrictCharField(
         required=False, max_length=40, help_text="Defaults to the release's current stage."
     )
     severity = serializers.ChoiceField(choices=Severity.choices)
@@ -303,11 +303,11 @@ class IncidentSerializer(serializers.ModelSerializer):
 class IncidentFilterSerializer(serializers.Serializer):
     """The query filters of the incident list."""
 
-    release = serializers.CharField(
-        required=False, help_text="Only this release (public_id or name)."
+    release = StrictCharField(
+        required=False, allow_blank=True, help_text="Only this release (public_id or name)."
     )
     status = choice_filter(IncidentStatus.choices, help_text="Only incidents in this state.")
 
 
-class ResolveSerializer(serializers.Serializer):
-    resolution = serializers.CharField(max_length=2000, help_text="How it was resolved.")
+class ResolveSerializer(Serializer):
+    resolution = StrictCharField(max_length=2000, help_text="How it was resolved.")

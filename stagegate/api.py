@@ -18,7 +18,9 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
 from django.http import Http404, JsonResponse
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
@@ -69,6 +71,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _codes(detail: Any) -> set[str]:
+    """Every code in a (possibly nested) DRF error detail."""
+    if isinstance(detail, dict):
+        return set().union(*(_codes(value) for value in detail.values()))
+    if isinstance(detail, list):
+        return set().union(*(_codes(value) for value in detail))
+    return {getattr(detail, "code", None) or "invalid"}
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Turn API errors into the one error shape; anything else stays a 500."""
     if isinstance(exc, PlanInvalid):
@@ -101,6 +112,14 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, exceptions.ValidationError):
         detail = exc.detail
         first = _first_message(detail)
+        if _codes(detail) == {"unique"}:
+            # Well-formed input that names what another object already is (a slug):
+            # the state conflicts, the input is not invalid.
+            return Response(
+                error_body("already_exists", _one_line(first), detail),
+                status=409,
+                headers=headers,
+            )
         message = f"invalid input: {first}" if first else "invalid input"
         return Response(
             error_body("invalid", _one_line(message), detail),
@@ -173,6 +192,52 @@ def cursor_pagination(ordering: str | tuple[str, ...]) -> type[CursorPagination]
     )
 
 
+class StrictCharField(serializers.CharField):
+    """Text that must arrive as a JSON string. DRF's CharField turns a number into text
+    (``{"reason": 0}`` stored "0"); the schema says string, so a number is refused."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSlugField(StrictCharField, serializers.SlugField):
+    pass
+
+
+class RefuseUnknownFields:
+    """A request body's field that the serializer does not know is refused (400
+    ``invalid``, naming it) rather than ignored: a mistyped optional field
+    (``grace_hour``) would otherwise be dropped and its default applied unnoticed.
+    The schema says so (``additionalProperties: false``, stagegate.schema)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            writable = {name for name, field in self.fields.items() if not field.read_only}
+            unknown = sorted(str(name) for name in data if name not in writable)
+            if unknown:
+                raise serializers.ValidationError(
+                    {name: ["Unknown field."] for name in unknown}, code="unknown_field"
+                )
+        return super().to_internal_value(data)
+
+
+class Serializer(RefuseUnknownFields, serializers.Serializer):
+    """The base of every request body serializer."""
+
+
+class ModelSerializer(RefuseUnknownFields, serializers.ModelSerializer):
+    """DRF's ModelSerializer refusing unknown fields, its text fields ``StrictCharField``s."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.TextField: StrictCharField,
+        models.SlugField: StrictSlugField,
+    }
+
+
 def _error_response(code: str, message: str, status: int, details: Any = None) -> JsonResponse:
     return JsonResponse(error_body(code, message, details), status=status)
 
@@ -235,10 +300,22 @@ def query_filters(request, serializer_class: type[serializers.Serializer]) -> di
     return {name: value for name, value in serializer.validated_data.items() if value}
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "object", "description": "Messages per field or parameter (`invalid`)."},
+            {"type": "array", "description": "Every problem of a plan (`plan_invalid`)."},
+        ]
+    }
+)
+class _ErrorDetailsField(serializers.JSONField):
+    pass
+
+
 class ErrorDetailSerializer(serializers.Serializer):
     code = serializers.CharField()
     message = serializers.CharField()
-    details = serializers.JSONField(required=False)
+    details = _ErrorDetailsField(required=False)
 
 
 class ErrorSerializer(serializers.Serializer):

@@ -188,6 +188,9 @@ REST_FRAMEWORK = {
     # Deny by default: a view that forgets to declare its permissions admits no one.
     "DEFAULT_PERMISSION_CLASSES": ["access.permissions.DenyAll"],
     "DEFAULT_SCHEMA_CLASS": "stagegate.schema.AutoSchema",
+    # JSON bodies only (the plan endpoints add YAML): one encoding to validate and
+    # document, and form data cannot say null.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     # Each list view names its ordering: stagegate.api.cursor_pagination.
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
@@ -202,6 +205,15 @@ SPECTACULAR_SETTINGS = {
     # Request bodies get their own components, which say that a field may not be blank
     # (minLength 1) where the serializer refuses a blank string.
     "COMPONENT_SPLIT_REQUEST": True,
+    # Two choice sets share the field name "kind"; each gets its own enum name.
+    "ENUM_NAME_OVERRIDES": {
+        "VerificationKindEnum": "access.models.VerificationKind",
+        "TransitionKindEnum": "rollout.models.TransitionKind",
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "stagegate.schema.refused_characters",
+    ],
 }
 
 # --- Stagegate ------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import copy
 import pytest
 import yaml
 
-from access.models import Organization
+from access import keys
+from access.models import ApiKey, Organization
 from monitoring import audit
 from monitoring.models import AuditEvent
 from rollout.models import RolloutPlan
@@ -321,4 +322,106 @@ def test_anonymous_gets_401_with_www_authenticate(api, method, url):
             "code": "not_authenticated",
             "message": "Authentication credentials were not provided.",
         }
+    }
+
+
+# --- found by schemathesis: input the schema calls invalid is refused ---------------------------
+
+
+def test_text_sent_as_a_number_is_a_400(login_as, ada, northwind):
+    api_key = keys.issue_key(organization=northwind, name="ci", actor=ada).api_key
+
+    response = login_as(ada).post(
+        f"/api/keys/{api_key.public_id}/revoke/", {"reason": 0}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == {"reason": ["Not a valid string."]}
+    api_key.refresh_from_db()
+    assert api_key.revoked_at is None
+
+
+def test_an_unknown_body_field_is_a_400(login_as, ada, northwind):
+    api_key = keys.issue_key(organization=northwind, name="ci", actor=ada).api_key
+
+    response = login_as(ada).post(
+        f"/api/keys/{api_key.public_id}/rotate/", {"grace_hour": 0}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == {"grace_hour": ["Unknown field."]}
+    assert ApiKey.objects.count() == 1
+
+
+def test_form_data_is_refused_for_json(login_as, ada, northwind):
+    response = login_as(ada).post(
+        "/api/keys/", {"organization": northwind.public_id, "name": "ci"}, format="multipart"
+    )
+
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_blank_after_trimming_is_a_400(login_as, ada, release):
+    response = login_as(ada).post(
+        f"/api/releases/{release.public_id}/pause/", {"reason": "   "}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == {"reason": ["This field may not be blank."]}
+
+
+# --- the schema says what the API does ----------------------------------------------------------
+
+
+@pytest.fixture
+def schema(api):
+    return api.get("/api/schema/", {"format": "json"}).json()
+
+
+@pytest.mark.parametrize(
+    ("component", "field"),
+    [
+        ("ApiKey", "rotated_from"),
+        ("Transition", "actor"),
+        ("Transition", "review"),
+        ("Verification", "verified_by"),
+        ("Incident", "resolved_by"),
+        ("Incident", "opened_by"),
+        ("Review", "requested_by"),
+        ("PlanVersion", "created_by"),
+    ],
+)
+def test_schema_marks_nullable_relations(schema, component, field):
+    assert schema["components"]["schemas"][component]["properties"][field]["nullable"] is True
+
+
+def test_schema_documents_the_error_statuses_of_every_operation(schema):
+    missing = {
+        f"{method.upper()} {path}": sorted(
+            {"400", "401", "403", "404"} - set(operation["responses"])
+        )
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    }
+
+    assert {operation: codes for operation, codes in missing.items() if codes} == {}
+
+
+def test_schema_says_what_a_request_may_not_be(schema):
+    components = schema["components"]["schemas"]
+
+    assert components["ReasonRequest"]["properties"]["reason"]["minLength"] == 1
+    assert components["ReasonRequest"]["properties"]["reason"]["pattern"] == r"\S"
+    assert components["ReasonRequest"]["additionalProperties"] is False
+    status = next(
+        p for p in schema["paths"]["/api/incidents/"]["get"]["parameters"] if p["name"] == "status"
+    )
+    assert status["schema"]["enum"] == ["open", "resolved", ""]
+    organization = next(
+        p for p in schema["paths"]["/api/keys/"]["get"]["parameters"] if p["name"] == "organization"
+    )
+    assert organization["schema"]["pattern"] == r"^[^\x00-\x1f\x7f]*$"
+    assert schema["components"]["securitySchemes"] == {
+        "cookieAuth": {"type": "apiKey", "in": "cookie", "name": "sessionid"}
     }
