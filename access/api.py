@@ -1,6 +1,6 @@
 """The access API: organizations, their members, verifications and API keys.
 
-Visibility is the queryset (``access.permissions.scope_to_orgs``): an org admin
+Visibility is the queryset (``stagegate.permissions.scope_to_orgs``): an org admin
 works only with the organizations they administer, and anything else answers 404
 exactly as if it did not exist. Only then do role checks apply (403). The work
 itself is done by the service modules (``access.keys``, ``access.organizations``,
@@ -27,7 +27,6 @@ from rest_framework.response import Response
 
 from access import keys, organizations, verifications
 from access.models import ApiKey, Membership, Organization, Verification
-from access.permissions import IsRolloutAdmin, OrgScopedAdminWrite, StaffOrOrgAdmin, scope_to_orgs
 from access.serializers import (
     ApiKeyCreateSerializer,
     ApiKeyRevokeSerializer,
@@ -43,6 +42,12 @@ from access.serializers import (
     VerificationValidateSerializer,
 )
 from stagegate.api import Conflict, ErrorSerializer, cursor_pagination
+from stagegate.permissions import (
+    IsRolloutAdmin,
+    OrgScopedAdminWrite,
+    StaffOrOrgAdmin,
+    scope_to_orgs,
+)
 
 NOT_FOUND = OpenApiResponse(ErrorSerializer, description="Not found, or not yours to see.")
 CONFLICT = OpenApiResponse(ErrorSerializer, description="The object's state forbids this.")

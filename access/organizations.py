@@ -10,11 +10,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from access.models import Membership, MembershipRole, Organization, validate_org_slug
-from access.roles import STAFF_ROLES, admin_org_ids, is_rollout_admin
 from access.tiers import tier_changes_audited
 from monitoring import audit
 from monitoring.redaction import redact_secrets
 from stagegate.errors import Refused
+from stagegate.roles import STAFF_ROLES, admin_org_ids, is_rollout_admin
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, viewsets
 
-from access.permissions import StaffReadAdminWrite
 from monitoring.models import AuditEvent
 from stagegate.api import cursor_pagination
+from stagegate.permissions import StaffReadAdminWrite
 
 
 class AuditEventSerializer(serializers.ModelSerializer):

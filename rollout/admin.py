@@ -2,7 +2,6 @@ from django import forms
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
 
-from access.roles import REVIEWER, ROLLOUT_ADMIN, can_read_all, staff_roles
 from monitoring.admin_base import AuditedModelAdmin, ReadOnlyAdmin
 from rollout import incidents, transitions
 from rollout.models import (
@@ -17,6 +16,7 @@ from rollout.models import (
 )
 from rollout.plans import plan_doc
 from stagegate.errors import Refused
+from stagegate.roles import REVIEWER, ROLLOUT_ADMIN, can_read_all, staff_roles
 
 
 class RoleAccess:

@@ -21,13 +21,6 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.response import Response
 
-from access.permissions import (
-    IsReviewer,
-    IsRolloutAdmin,
-    IsStaff,
-    StaffReadAdminWrite,
-    StaffReadReviewerOrAdminWrite,
-)
 from rollout import incidents, transitions
 from rollout.models import (
     Approval,
@@ -63,6 +56,13 @@ from rollout.serializers import (
     VerdictSerializer,
 )
 from stagegate.api import ErrorSerializer, cursor_pagination, query_filters
+from stagegate.permissions import (
+    IsReviewer,
+    IsRolloutAdmin,
+    IsStaff,
+    StaffReadAdminWrite,
+    StaffReadReviewerOrAdminWrite,
+)
 
 
 class YAMLParser(BaseParser):

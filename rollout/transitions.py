@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from access.roles import REVIEWER, is_rollout_admin, staff_roles
 from monitoring import audit
 from rollout.models import (
     Approval,
@@ -36,6 +35,7 @@ from rollout.plan_schema import severity_at_least
 from rollout.plans import plan_doc
 from rollout.reviews import open_incidents
 from stagegate.errors import Refused
+from stagegate.roles import REVIEWER, is_rollout_admin, staff_roles
 
 
 def _locked(release: Release) -> Release:

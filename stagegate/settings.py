@@ -186,7 +186,7 @@ REST_FRAMEWORK = {
         "access.authentication.SessionAuthentication",
     ],
     # Deny by default: a view that forgets to declare its permissions admits no one.
-    "DEFAULT_PERMISSION_CLASSES": ["access.permissions.DenyAll"],
+    "DEFAULT_PERMISSION_CLASSES": ["stagegate.permissions.DenyAll"],
     "DEFAULT_SCHEMA_CLASS": "stagegate.schema.AutoSchema",
     # JSON bodies only (the plan endpoints add YAML): one encoding to validate and
     # document, and form data cannot say null.

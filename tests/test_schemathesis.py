@@ -27,7 +27,7 @@ from django.conf import global_settings
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 
-from access.roles import STAFF_ROLES
+from stagegate.roles import STAFF_ROLES
 
 CONFIG = Path(__file__).resolve().parent / "schemathesis.toml"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

@@ -10,9 +10,9 @@ from django.utils import timezone
 
 from access.keys import authenticate_key
 from access.models import Organization
-from access.roles import staff_roles
 from access.tiers import effective_tiers_by_release
 from rollout.models import Release
+from stagegate.roles import staff_roles
 
 KEY_LINE = re.compile(r"^\s+(\S+)\s+(\S+)\s+(sgk_\S+)$", re.MULTILINE)
 USER_LINE = re.compile(r"^\s+(admin|reviewer1|reviewer2)\s+(\S+)$", re.MULTILINE)

@@ -43,7 +43,7 @@ def can_read_all(user) -> bool:
 
 def admin_org_ids(user) -> QuerySet:
     """Ids of organizations the user administers as org_admin."""
-    from access.models import Membership, MembershipRole
+    from access.models import Membership, MembershipRole  # the org_admin membership
 
     return Membership.objects.filter(
         user=user, user__is_active=True, role=MembershipRole.ORG_ADMIN

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from access.roles import (
+from stagegate.roles import (
     REVIEWER,
     ROLLOUT_ADMIN,
     admin_org_ids,
