@@ -101,26 +101,52 @@ def _load_keys(**filters) -> dict[str, KeyEntry]:
     }
 
 
+def release_entry(
+    release: Release, *, stage: str | None = None, state: str | None = None
+) -> ReleaseEntry | None:
+    """``release`` as the proxy serves it (with ``active_plan`` loaded), or None when it
+    is not served: retired, or no plan stage of that name. ``stage`` and ``state``
+    default to the release's own; the access explainer passes the next stage to show
+    what it would change."""
+    if release.state == ReleaseState.RETIRED:
+        return None
+    plan = release.active_plan
+    name = stage or release.current_stage
+    policy = None if plan is None else plan_doc(plan).stage(name)
+    if policy is None:
+        return None
+    return ReleaseEntry(
+        name=release.name,
+        public_id=release.public_id,
+        state=state or release.state,
+        stage=policy,
+        upstream_base_url=release.upstream_base_url.rstrip("/"),
+        upstream_model=release.upstream_model,
+        plan_version=plan.version,
+        created=int(release.created_at.timestamp()),
+    )
+
+
+def load_key(key_id: str) -> KeyEntry | None:
+    """One key as the snapshot holds it, by its key id; None when no key has it."""
+    return _load_keys(key_id=key_id).get(key_id)
+
+
+def load_org(pk: int) -> OrgEntry | None:
+    """One organization as the snapshot holds it, with its valid verifications."""
+    return _load_orgs(pk=pk).get(pk)
+
+
 def _load_releases() -> dict[str, ReleaseEntry]:
     releases = {}
     for release in Release.objects.exclude(state=ReleaseState.RETIRED).select_related(
         "active_plan"
     ):
-        plan = release.active_plan
-        stage = None if plan is None else plan_doc(plan).stage(release.current_stage)
-        if stage is None:
+        entry = release_entry(release)
+        if entry is None:
             log.error("release %s has no plan stage %r", release.name, release.current_stage)
             continue  # not served: fail closed rather than guess a policy
-        releases[release.name] = ReleaseEntry(
-            name=release.name,
-            public_id=release.public_id,
-            state=release.state,
-            stage=stage,
-            upstream_base_url=release.upstream_base_url.rstrip("/"),
-            upstream_model=release.upstream_model,
-            plan_version=plan.version,
-            created=int(release.created_at.timestamp()),
-        )
+        releases[release.name] = entry
     return releases
 
 

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from console.views import auth, board, release
+from console.views import access, auth, board, release
 
 app_name = "console"
 
@@ -13,4 +13,5 @@ urlpatterns = [
     path("password/done/", auth.password_change_done, name="password_change_done"),
     path("", board.board, name="board"),
     path("releases/<str:name>/", release.release, name="release"),
+    path("access/", access.access, name="access"),
 ]
