@@ -20,11 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.utils.html import format_html
+from django.utils.html import conditional_escape
 from django.utils.safestring import SafeString, mark_safe
 
 WIDTH, HEIGHT = 640, 220
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 28, 40
+
+
+def _svg(template: str, *args) -> SafeString:
+    """``format_html`` that keeps numbers as numbers, so ``{:.1f}`` works: Django's
+    escapes every argument to a string first, which a float format spec refuses.
+    Numbers need no escaping; everything else is escaped."""
+    safe = [arg if isinstance(arg, int | float) else conditional_escape(arg) for arg in args]
+    return mark_safe(template.format(*safe))  # noqa: S308 - every other argument is escaped
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ def _time_label(moment: datetime, span_seconds: float) -> str:
 
 def _open(title: str, desc: str, width: int, height: int, css: str) -> list[str]:
     return [
-        format_html(
+        _svg(
             '<svg class="chart {}" role="img" viewBox="0 0 {} {}" width="{}" height="{}"'
             ' xmlns="http://www.w3.org/2000/svg"><title>{}</title><desc>{}</desc>',
             css,
@@ -123,7 +131,7 @@ def _axes(frame: _Frame, start: datetime, end: datetime, y_unit: str, x_label: s
     parts = []
     bottom = MARGIN_TOP + frame.plot_h
     parts.append(
-        format_html(
+        _svg(
             '<g class="axis"><line x1="{}" y1="{}" x2="{}" y2="{}"/>'
             '<line x1="{}" y1="{}" x2="{}" y2="{}"/>',
             MARGIN_LEFT,
@@ -140,7 +148,7 @@ def _axes(frame: _Frame, start: datetime, end: datetime, y_unit: str, x_label: s
         value = frame.top * fraction
         y = frame.y(value)
         parts.append(
-            format_html(
+            _svg(
                 '<line class="grid" x1="{}" y1="{:.1f}" x2="{}" y2="{:.1f}"/>'
                 '<text class="tick" x="{}" y="{:.1f}" text-anchor="end">{}</text>',
                 MARGIN_LEFT,
@@ -159,7 +167,7 @@ def _axes(frame: _Frame, start: datetime, end: datetime, y_unit: str, x_label: s
         )
         anchor = ("start", "middle", "end")[int(fraction * 2)]
         parts.append(
-            format_html(
+            _svg(
                 '<text class="tick" x="{:.1f}" y="{}" text-anchor="{}">{}</text>',
                 frame.x(moment.timestamp()),
                 bottom + 16,
@@ -168,7 +176,7 @@ def _axes(frame: _Frame, start: datetime, end: datetime, y_unit: str, x_label: s
             )
         )
     parts.append(
-        format_html(
+        _svg(
             '<text class="axis-label" x="{:.1f}" y="{}" text-anchor="middle">{}</text></g>',
             MARGIN_LEFT + frame.plot_w / 2,
             bottom + 34,
@@ -183,7 +191,7 @@ def _threshold(frame: _Frame, threshold: Threshold | None, unit: str) -> list[st
         return []
     y = frame.y(threshold.value)
     return [
-        format_html(
+        _svg(
             '<g class="threshold"><line x1="{}" y1="{:.1f}" x2="{}" y2="{:.1f}"/>'
             '<text x="{}" y="{:.1f}" text-anchor="end">{} {}</text></g>',
             MARGIN_LEFT,
@@ -203,7 +211,7 @@ def _legend(names: Sequence[str]) -> list[str]:
     x = MARGIN_LEFT
     for index, name in enumerate(names):
         parts.append(
-            format_html(
+            _svg(
                 '<rect class="series-{}" x="{}" y="8" width="10" height="10"/>'
                 '<text x="{}" y="17">{}</text>',
                 index % 8,
@@ -227,14 +235,14 @@ def _bounds(series: Sequence[Series]) -> tuple[datetime, datetime] | None:
 def _empty(title: str, message: str, width: int, height: int) -> SafeString:
     parts = _open(title, message, width, height, "chart-empty")
     parts.append(
-        format_html(
+        _svg(
             '<text class="empty" x="{}" y="{}" text-anchor="middle">{}</text></svg>',
             width / 2,
             height / 2,
             message,
         )
     )
-    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by format_html
+    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by _svg
 
 
 def _describe(series: Sequence[Series], unit: str, threshold: Threshold | None) -> str:
@@ -276,7 +284,7 @@ def line_chart(
             for moment, value in one.points
         )
         parts.append(
-            format_html(
+            _svg(
                 '<polyline class="series series-{} {}" points="{}"><title>{}</title></polyline>',
                 index % 8,
                 one.css,
@@ -287,7 +295,7 @@ def line_chart(
     parts += _threshold(frame, threshold, y_unit)
     parts += _legend([one.name for one in series])
     parts.append("</svg>")
-    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by format_html
+    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by _svg
 
 
 def bar_chart(
@@ -330,7 +338,7 @@ def bar_chart(
             top_y, bottom_y = frame.y(below + value), frame.y(below)
             base[key] = below + value
             parts.append(
-                format_html(
+                _svg(
                     '<rect class="series-{} {}" x="{:.1f}" y="{:.1f}" width="{:.1f}"'
                     ' height="{:.1f}"><title>{} {}: {}</title></rect>',
                     index % 8,
@@ -346,13 +354,13 @@ def bar_chart(
             )
     parts += _legend([one.name for one in series])
     parts.append("</svg>")
-    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by format_html
+    return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by _svg
 
 
 def sparkline(values: Sequence[float], *, title: str, width: int = 120, height: int = 24) -> str:
     """A small line for a table cell; its title says the total and the peak."""
     if not values or not any(values):
-        return format_html(
+        return _svg(
             '<svg class="sparkline" role="img" viewBox="0 0 {} {}" width="{}" height="{}"'
             ' xmlns="http://www.w3.org/2000/svg"><title>{}: no traffic</title>'
             '<line class="flat" x1="0" y1="{}" x2="{}" y2="{}"/></svg>',
@@ -370,7 +378,7 @@ def sparkline(values: Sequence[float], *, title: str, width: int = 120, height: 
     points = " ".join(
         f"{i * step:.1f},{height - 1 - (v / top) * (height - 2):.1f}" for i, v in enumerate(values)
     )
-    return format_html(
+    return _svg(
         '<svg class="sparkline" role="img" viewBox="0 0 {} {}" width="{}" height="{}"'
         ' xmlns="http://www.w3.org/2000/svg"><title>{}: {} in all, peak {}</title>'
         '<polyline points="{}"/></svg>',

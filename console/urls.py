@@ -13,5 +13,7 @@ urlpatterns = [
     path("password/done/", auth.password_change_done, name="password_change_done"),
     path("", board.board, name="board"),
     path("releases/<str:name>/", release.release, name="release"),
+    path("usage/", usage.usage, name="usage"),
+    path("usage/csv/", usage.usage_csv, name="usage_csv"),
     path("access/", access.access, name="access"),
 ]
