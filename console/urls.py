@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from console.views import access, auth, board, release
+from console.views import access, auth, board, release, usage
 
 app_name = "console"
 
