@@ -154,3 +154,10 @@ def test_the_release_page_shows_criteria_and_tripwires(browser, vera, release):
     assert "Exit criteria of research_preview" in page
     assert "Tripwires" in page
     assert browser.get("/console/releases/no-such/").status_code == 404
+
+
+def test_cookies_are_http_only(browser, vera):
+    page = browser.get("/console/login/")
+    assert page.cookies["csrftoken"]["httponly"] is True
+    signed_in = browser.post("/console/login/", {"username": "vera", "password": "vera-pass-9137"})
+    assert signed_in.cookies["sessionid"]["httponly"] is True
