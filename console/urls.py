@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from console.views import access, auth, board, release, usage
+from console.views import access, auth, board, orgs, release, usage
 
 app_name = "console"
 
@@ -16,4 +16,29 @@ urlpatterns = [
     path("usage/", usage.usage, name="usage"),
     path("usage/csv/", usage.usage_csv, name="usage_csv"),
     path("access/", access.access, name="access"),
+    # organizations and keys (console/views/orgs.py)
+    path("orgs/", orgs.orgs, name="orgs"),
+    path("orgs/<slug:slug>/", orgs.org, name="org"),
+    path("orgs/<slug:slug>/members/", orgs.member_add, name="member_add"),
+    path(
+        "orgs/<slug:slug>/members/<str:public_id>/remove/",
+        orgs.member_remove,
+        name="member_remove",
+    ),
+    path("orgs/<slug:slug>/verifications/", orgs.verification_add, name="verification_add"),
+    path(
+        "orgs/<slug:slug>/verifications/<str:public_id>/revoke/",
+        orgs.verification_revoke,
+        name="verification_revoke",
+    ),
+    path(
+        "orgs/<slug:slug>/verifications/<str:public_id>/validate/",
+        orgs.verification_validate,
+        name="verification_validate",
+    ),
+    path("orgs/<slug:slug>/keys/new/", orgs.key_new, name="key_new"),
+    path("keys/", orgs.keys_list, name="keys"),
+    path("keys/<str:public_id>/", orgs.key, name="key"),
+    path("keys/<str:public_id>/rotate/", orgs.key_rotate, name="key_rotate"),
+    path("keys/<str:public_id>/revoke/", orgs.key_revoke, name="key_revoke"),
 ]
