@@ -47,7 +47,7 @@ def board_rows() -> list[BoardRow]:
         review = reviews.get(release.latest_review)
         waiting = 0
         if review is not None and review.recommendation == Recommendation.ADVANCE:
-            waiting = max(0, doc.approvals_needed - len(counted_approvals(review)))
+            waiting = max(0, review.approvals_needed - len(counted_approvals(review)))
         rows.append(
             BoardRow(
                 release=release,
