@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+DEMO_PORT ?= 8001
 
 .PHONY: install run test lint format migrate bench clean worker beat
 
@@ -19,11 +20,11 @@ install: $(STAMP)
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
 
-## Run the service: migrate, seed the demo on an empty database, serve on $(HOST):$(PORT)
-## with the built-in demo model on port 8001.
+## Run the service: migrate, seed the demo (a week of history) on an empty database, serve
+## on $(HOST):$(PORT) with the built-in demo model on port $(DEMO_PORT) and demo traffic.
 run: migrate
-	$(BIN)/python manage.py seed_demo --if-empty
-	$(BIN)/python -m stagegate.serve --host $(HOST) --port $(PORT) --demo-upstream
+	$(BIN)/python manage.py seed_demo --if-empty --demo-url http://127.0.0.1:$(DEMO_PORT)/v1
+	$(BIN)/python -m stagegate.serve --host $(HOST) --port $(PORT) --demo-upstream --demo-port $(DEMO_PORT)
 
 ## Production background work (needs REDIS_URL): a Celery worker, and exactly one beat.
 worker: install

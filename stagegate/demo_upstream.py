@@ -42,6 +42,12 @@ Fault injection, for testing the proxy (the model ids are also known to
 ``demo-stream-cut``
     With ``"stream": true``, send the first three events and end the body without
     the final chunk or ``data: [DONE]``; otherwise answer normally.
+
+Through the proxy the model name is the release's upstream model, so two faults are
+also asked for in the prompt (the demo traffic generator uses them, rarely):
+``[demo:error]`` answers 500 as ``demo-error-500`` does, and ``[demo:flag]``
+answers normally with ``finish_reason: "content_filter"``, as a provider's content
+filter would.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ DEFAULT_MODELS = ["atlas-2-2026-11"]
 DEFAULT_COMPLETION_WORDS = 16
 MAX_EMBEDDING_DIMENSIONS = 4096
 MAX_BODY_BYTES = 16 * 1024 * 1024
+ERROR_TRIGGER = "[demo:error]"
+FLAG_TRIGGER = "[demo:flag]"
 FAULT_MODELS = ("demo-error-500", "demo-error-429", "demo-hang", "demo-bad-json", "demo-stream-cut")
 _HANG_SECONDS = 3600
 _STREAM_CUT_EVENTS = 3
@@ -341,9 +349,13 @@ class DemoUpstream:
         include_usage = (
             stream and isinstance(options, dict) and options.get("include_usage") is True
         )
+        if ERROR_TRIGGER in prompt:
+            model = "demo-error-500"
         if await self._wait_and_fault(model, receive, send):
             return
         tokens, finish = generate(model, prompt, limit)
+        if FLAG_TRIGGER in prompt:
+            finish = "content_filter"
         usage = {
             "prompt_tokens": (p := prompt_tokens(prompt)),
             "completion_tokens": len(tokens),

@@ -150,7 +150,12 @@ class ProxyServer:
     """``python -m stagegate.serve`` on a free port, against the test database."""
 
     def __init__(
-        self, *, workers: int = 1, env: dict[str, str] | None = None, ready_status: int = 200
+        self,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        ready_status: int = 200,
+        args: list[str] = (),
     ) -> None:
         self.ready_status = ready_status
         self.port = free_port()
@@ -179,6 +184,7 @@ class ProxyServer:
                 str(self.port),
                 "--workers",
                 str(workers),
+                *args,
             ],
             environment,
             "stagegate-",

@@ -1,0 +1,194 @@
+"""A week of made-up but realistic usage for the demo, written through the real path.
+
+``seed_demo`` calls ``seed_history``: it builds usage events exactly as the proxy's
+recorder builds them (tuples in ``monitoring.usage.FIELDS`` order, the same reason
+codes, statuses, tier and stage rules as ``access.proxy``), writes them with
+``monitoring.usage.write_events`` and rolls them up with
+``monitoring.rollups.rollup_pending``, so every chart of the console reads rollups
+shaped like real traffic: a daily rhythm with quiet weekends, refusals of several
+reasons, a few upstream errors (and one bad hour three days ago), content-filter
+flags (and one evening when they drifted up). Deterministic: a seeded PRNG.
+
+The rates stay under the demo plan's tripwires in the last day, so the in-process
+scheduler's first tripwire check does not pause the fresh demo.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from monitoring.rollups import RollupReport, rollup_pending
+from monitoring.usage import write_events
+
+HISTORY_DAYS = 7
+MEAN_PER_HOUR = 320  # about 45k events over the week
+BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One source of demo traffic: an organization's key, or no valid key (org "")."""
+
+    org: str  # organization public id ("" for an unknown key)
+    key: str  # API key public id ("" for an unknown key)
+    tier: str  # the effective tier when admitted ("" when the stage does not admit it)
+    admitted: bool  # whether the release's current stage admits this organization
+    weight: float
+
+
+def _rhythm(moment: datetime) -> float:
+    """Relative traffic at ``moment``: a working-day curve peaking at 14:00 UTC over a
+    night floor, halved at weekends."""
+    hour = moment.hour + moment.minute / 60
+    day = max(0.0, math.sin(math.pi * (hour - 6) / 16)) if 6 <= hour <= 22 else 0.0
+    level = 0.25 + 1.75 * day
+    return level * (0.5 if moment.weekday() >= 5 else 1.0)
+
+
+def build_events(
+    *,
+    release: str,
+    stage: str,
+    callers: list[Caller],
+    end: datetime,
+    days: int = HISTORY_DAYS,
+    mean_per_hour: int = MEAN_PER_HOUR,
+    seed: int = 2026,
+    paused: tuple[datetime, datetime] | None = None,
+) -> list[tuple]:
+    """The week's events before ``end``, oldest first (tuples in ``FIELDS`` order).
+    Admitted callers are refused ``release_paused`` within ``paused`` [start, end)."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible demo data, not secrecy
+    end = end.astimezone(UTC)
+    start = end - timedelta(days=days)
+    bad_hour = (end - timedelta(days=3)).replace(hour=14, minute=0, second=0, microsecond=0)
+    drift_start = (end - timedelta(days=5)).replace(hour=18, minute=0, second=0, microsecond=0)
+    weights = [caller.weight for caller in callers]
+    events: list[tuple] = []
+    number = 0
+    hour = start.replace(minute=0, second=0, microsecond=0)
+    while hour < end:
+        count = int(rng.gauss(1.0, 0.08) * mean_per_hour * _rhythm(hour + timedelta(minutes=30)))
+        error_rate = 0.07 if hour == bad_hour else 0.006  # the pause stops the bad hour
+        flag_rate = 0.015 if drift_start <= hour < drift_start + timedelta(hours=4) else 0.004
+        for offset in sorted(rng.random() * 3600 for _ in range(max(count, 0))):
+            moment = hour + timedelta(seconds=offset)
+            if not start <= moment < end:
+                continue
+            number += 1
+            caller = rng.choices(callers, weights)[0]
+            if paused and caller.admitted and paused[0] <= moment < paused[1]:
+                events.append(_paused(number, moment, release, stage, caller))
+                continue
+            events.append(
+                _event(rng, number, moment, release, stage, caller, error_rate, flag_rate)
+            )
+        hour += timedelta(hours=1)
+    return events
+
+
+def _paused(number: int, moment: datetime, release: str, stage: str, caller: Caller) -> tuple:
+    return (
+        moment.timestamp(),
+        f"req_demo{number:x}",
+        caller.org,
+        caller.key,
+        caller.tier,
+        release,
+        stage,
+        "chat.completions",
+        "deny",
+        "release_paused",
+        403,
+        "",
+        False,
+        False,
+        False,
+        0,
+        0,
+        1.2,
+        None,
+    )
+
+
+def _event(
+    rng: random.Random,
+    number: int,
+    moment: datetime,
+    release: str,
+    stage: str,
+    caller: Caller,
+    error_rate: float,
+    flag_rate: float,
+) -> tuple:
+    endpoint = rng.choices(("chat.completions", "completions", "embeddings"), (85, 5, 10))[0]
+    streamed = endpoint != "embeddings" and rng.random() < 0.3
+    request_id = f"req_demo{number:x}"
+    model, tier, org_stage = release, caller.tier, stage
+    error, flagged, prompt, completion, upstream = "", False, 0, 0, None
+    roll = rng.random()
+    if not caller.org:
+        verdict, reason, status, org_stage = "deny", "invalid_key", 401, ""
+    elif not caller.admitted:
+        verdict, reason, status, tier = "deny", "model_not_available", 404, ""
+    elif roll < 0.012:
+        verdict, reason, status = "deny", "rate_limited", 429
+    elif roll < 0.016:
+        verdict, reason, status = "deny", "request_too_large", 400
+    elif roll < 0.022:  # a typo in the model name: no such release
+        model, verdict, reason, status = "atlas-3", "deny", "unknown_model", 404
+        tier = org_stage = ""
+    else:
+        verdict, reason, status = "allow", "ok", 200
+        prompt = int(rng.lognormvariate(5.3, 0.7))
+        completion = 0 if endpoint == "embeddings" else int(rng.lognormvariate(4.9, 0.6))
+        upstream = rng.lognormvariate(6.0, 0.5)  # ~400 ms
+        if rng.random() < error_rate:
+            error = rng.choices(("upstream_error", "upstream_timeout"), (4, 1))[0]
+            status = 502 if error == "upstream_error" else 504
+            prompt = completion = 0  # nothing was served, so no usage was reported
+        elif rng.random() < flag_rate:
+            flagged = True
+    latency = (upstream or 0.0) + rng.uniform(0.4, 2.5)
+    return (
+        moment.timestamp(),
+        request_id,
+        caller.org,
+        caller.key,
+        tier,
+        model,
+        org_stage,
+        endpoint,
+        verdict,
+        reason,
+        status,
+        error,
+        streamed,
+        False,
+        flagged,
+        prompt,
+        completion,
+        latency,
+        upstream,
+    )
+
+
+def seed_history(
+    *,
+    release: str,
+    stage: str,
+    callers: list[Caller],
+    end: datetime,
+    paused: tuple[datetime, datetime] | None = None,
+    seed: int = 2026,
+) -> tuple[int, RollupReport]:
+    """Write the week's events and roll them up; returns (events written, rollup report)."""
+    events = build_events(
+        release=release, stage=stage, callers=callers, end=end, seed=seed, paused=paused
+    )
+    for first in range(0, len(events), BATCH):
+        write_events(events[first : first + BATCH])
+    return len(events), rollup_pending(now=end)
