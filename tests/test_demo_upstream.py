@@ -327,6 +327,22 @@ def test_fault_stream_cut_without_stream_answers_whole() -> None:
     assert response.json()["choices"][0]["finish_reason"] == "stop"
 
 
+def test_prompt_fault_error_answers_500() -> None:
+    messages = [{"role": "user", "content": "hi [demo:error]"}]
+    response = request("POST", "/v1/chat/completions", {"model": "m", "messages": messages})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+
+
+def test_prompt_fault_flag_finishes_with_content_filter() -> None:
+    messages = [{"role": "user", "content": "hi [demo:flag]"}]
+    whole = request("POST", "/v1/chat/completions", {"model": "m", "messages": messages})
+    assert whole.json()["choices"][0]["finish_reason"] == "content_filter"
+    body = {"model": "m", "messages": messages, "stream": True}
+    chunks = events(request("POST", "/v1/chat/completions", body))
+    assert chunks[-2]["choices"][0]["finish_reason"] == "content_filter"
+
+
 def test_fault_hang_does_not_answer() -> None:
     async def go() -> None:
         transport = httpx.ASGITransport(app=APP)
