@@ -57,3 +57,4 @@ bench: install
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/deadlines.py
 	$(BIN)/python bench/reviews.py
+	$(BIN)/python bench/console.py

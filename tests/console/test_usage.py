@@ -406,3 +406,19 @@ def test_csv_cells_never_start_a_formula(viewer, release):
     answer = viewer.get("/console/usage/csv/", {"range": "24h", "group_by": "org"})
     rows = list(csv.reader(io.StringIO(answer.content.decode())))
     assert rows[1][0] == "'=HYPERLINK(1)"
+
+
+def test_chart_text_is_escaped_and_numbers_keep_their_format():
+    from console.charts import Series, bar_chart
+
+    moment = datetime(2026, 11, 1, tzinfo=UTC)
+    svg = bar_chart(
+        title="<script>t</script>",
+        series=[Series("<b>admitted</b>", [(moment, 2.5), (moment + timedelta(hours=1), 1)])],
+        bucket_seconds=3600,
+    )
+    assert "<script>" not in svg
+    assert "&lt;script&gt;t&lt;/script&gt;" in svg
+    assert "&lt;b&gt;admitted&lt;/b&gt; 2026-11-01 00:00: 2.5" in svg
+    assert ' y="' in svg
+    assert ".0000" not in svg  # coordinates to one decimal
