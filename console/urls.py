@@ -2,7 +2,8 @@
 
 from django.urls import path
 
-from console.views import access, auth, board, orgs, release, usage
+from console.views import access, actions, auth, board, orgs, release, reviews, usage
+from console.views import audit, incidents
 
 app_name = "console"
 
@@ -15,9 +16,30 @@ urlpatterns = [
     path("releases/<str:name>/", release.release, name="release"),
     path("releases/<str:name>/plans/", release.plans, name="release_plans"),
     path("releases/<str:name>/plans/diff/", release.plan_diff, name="release_plan_diff"),
+    # actions on a release and the review queue (console/views/actions.py, reviews.py)
+    path("releases/<str:name>/review/", actions.request_review, name="request_review"),
+    path("releases/<str:name>/pause/", actions.pause, name="pause"),
+    path("releases/<str:name>/resume/", actions.resume, name="resume"),
+    path("releases/<str:name>/rollback/", actions.rollback, name="rollback"),
+    path("reviews/", reviews.reviews, name="reviews"),
+    path("reviews/<slug:public_id>/", reviews.review, name="review"),
+    path("reviews/<slug:public_id>/approve/", actions.approve, name="review_approve"),
+    path("reviews/<slug:public_id>/reject/", actions.reject, name="review_reject"),
     path("usage/", usage.usage, name="usage"),
     path("usage/csv/", usage.usage_csv, name="usage_csv"),
     path("access/", access.access, name="access"),
+    # incidents and the audit log (console/views/incidents.py, audit.py)
+    path("incidents/", incidents.incidents, name="incidents"),
+    path("incidents/file/", incidents.incident_file, name="incident_file"),
+    path("incidents/<slug:public_id>/", incidents.incident, name="incident"),
+    path("incidents/<slug:public_id>/update/", incidents.incident_update, name="incident_update"),
+    path(
+        "incidents/<slug:public_id>/resolve/", incidents.incident_resolve, name="incident_resolve"
+    ),
+    path("audit/", audit.audit, name="audit"),
+    path("audit/export.csv", audit.audit_csv, name="audit_csv"),
+    path("audit/export.jsonl", audit.audit_jsonl, name="audit_jsonl"),
+    path("audit/verify/", audit.audit_verify, name="audit_verify"),
     # organizations and keys (console/views/orgs.py)
     path("orgs/", orgs.orgs, name="orgs"),
     path("orgs/<slug:slug>/", orgs.org, name="org"),

@@ -101,6 +101,21 @@ def publish_checkpoint() -> Published:
     return Published(checkpoint, appended, bool(url))
 
 
+def last_published() -> tuple[Checkpoint, str] | None:
+    """The checkpoint on the checkpoint file's last line and when it was published (the
+    line's ``at``, "" for a ``seq:hash`` line), or None: no file, empty, or torn."""
+    line = _last_line(Path(settings.STAGEGATE_AUDIT_CHECKPOINT_FILE)).strip()
+    try:
+        checkpoint = _parse_line(line, where="checkpoint file")
+    except CheckpointInvalid:
+        return None
+    try:
+        at = str(json.loads(line).get("at", ""))
+    except (ValueError, AttributeError):
+        at = ""
+    return checkpoint, at
+
+
 def _parse_line(text: str, *, where: str) -> Checkpoint:
     text = text.strip()
     literal = _LITERAL.fullmatch(text)

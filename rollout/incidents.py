@@ -1,4 +1,5 @@
-"""Incidents: filed by people (API, admin), resolved by people, audited both ways.
+"""Incidents: filed by people (API, admin, console), updated and resolved by people,
+audited every way.
 
 Filing one runs the release's incident tripwires at once, after the commit, so a
 critical incident pauses or rolls back the release before the next minute's check.
@@ -9,13 +10,17 @@ from __future__ import annotations
 import logging
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from monitoring import audit
-from rollout.models import Incident, IncidentStatus, Release
+from monitoring.redaction import redact_secrets
+from rollout.models import Incident, IncidentStatus, Release, Severity
 from stagegate.errors import Refused
 
 log = logging.getLogger(__name__)
+
+TITLE_MAX = Incident._meta.get_field("title").max_length
 
 
 def _audit(action: str, incident: Incident, actor, **data) -> None:
@@ -75,6 +80,59 @@ def _run_incident_tripwires(release_name: str) -> None:
         log.exception("incident tripwires of %s failed", release_name)
 
 
+def update_incident(
+    incident: Incident,
+    *,
+    actor,
+    severity: str | None = None,
+    title: str | None = None,
+    description: str | None = None,
+) -> Incident:
+    """Change an open incident's severity, title or description (None: unchanged).
+
+    Audited as ``incident.updated`` with each changed field's ``from`` and ``to`` (text
+    compared as it would be stored, so giving the same text again changes nothing and
+    writes nothing). A new severity runs the incident tripwires again after the commit,
+    as filing does: raising one to a tripwire's severity pauses or rolls back the
+    release. A resolved incident is refused (``incident_resolved``)."""
+    if severity is not None and severity not in Severity.values:
+        raise Refused("unknown_severity", f"severity must be one of {Severity.values}", status=400)
+    if title is not None:
+        title = " ".join(title.split())
+        if not title:
+            raise Refused("title_required", "an incident needs a title", status=400)
+        if len(title) > TITLE_MAX:
+            raise Refused(
+                "title_too_long", f"a title has at most {TITLE_MAX} characters", status=400
+            )
+    wanted = {
+        "severity": severity,
+        "title": None if title is None else redact_secrets(title),
+        "description": None if description is None else redact_secrets(description),
+    }
+    with transaction.atomic():
+        incident = (
+            Incident.objects.select_for_update().select_related("release").get(pk=incident.pk)
+        )
+        if incident.status == IncidentStatus.RESOLVED:
+            raise Refused("incident_resolved", "a resolved incident cannot change", status=409)
+        changes = {
+            field: {"from": getattr(incident, field), "to": value}
+            for field, value in wanted.items()
+            if value is not None and getattr(incident, field) != value
+        }
+        if not changes:
+            return incident
+        for field, change in changes.items():
+            setattr(incident, field, change["to"])
+        incident.save(update_fields=list(changes))
+        _audit("incident.updated", incident, actor, changes=changes)
+        if "severity" in changes:
+            release_name = incident.release.name
+            transaction.on_commit(lambda: _run_incident_tripwires(release_name))
+    return incident
+
+
 def resolve_incident(incident: Incident, *, actor, resolution: str) -> Incident:
     """Close an open incident, saying how. Resolving a resolved one changes nothing."""
     resolution = " ".join((resolution or "").split())
@@ -93,3 +151,20 @@ def resolve_incident(incident: Incident, *, actor, resolution: str) -> Incident:
         incident.save(update_fields=["status", "resolved_at", "resolved_by", "resolution"])
         _audit("incident.resolved", incident, actor, resolution=incident.resolution)
     return incident
+
+
+def list_incidents(
+    *,
+    release: Release | None = None,
+    stage: str | None = None,
+    status: str | None = None,
+) -> QuerySet[Incident]:
+    """Incidents, newest first, with what a list shows of them joined in (one query)."""
+    incidents = Incident.objects.select_related("release", "opened_by", "resolved_by")
+    if release is not None:
+        incidents = incidents.filter(release=release)
+    if stage:
+        incidents = incidents.filter(stage=stage)
+    if status:
+        incidents = incidents.filter(status=status)
+    return incidents.order_by("-created_at", "-id")

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from monitoring.rollups import rollup_pending
+from monitoring.usage import write_events
+from rollout.models import Release
+from tests.factories import traffic
 
 pytestmark = pytest.mark.django_db
 
@@ -161,3 +171,35 @@ def test_cookies_are_http_only(browser, vera):
     assert page.cookies["csrftoken"]["httponly"] is True
     signed_in = browser.post("/console/login/", {"username": "vera", "password": "vera-pass-9137"})
     assert signed_in.cookies["sessionid"]["httponly"] is True
+
+
+def _board_queries(browser) -> CaptureQueriesContext:
+    with CaptureQueriesContext(connection) as queries:
+        assert browser.get("/console/").status_code == 200
+    return queries
+
+
+def test_the_board_reads_rollups_only_and_its_queries_do_not_grow_with_traffic(
+    browser, vera, release
+):
+    now = timezone.now()
+    Release.objects.filter(pk=release.pk).update(stage_entered_at=now - timedelta(days=2))
+    browser.force_login(vera)
+    before = len(_board_queries(browser))
+    write_events(
+        traffic(
+            release="atlas-2",
+            stage="research_preview",
+            orgs={"northwind-research": "research_partner", "meridian": "research_partner"},
+            count=3000,
+            start=now - timedelta(hours=30),
+            end=now - timedelta(minutes=2),  # reviews count whole minutes only
+            error_every=50,
+        )
+    )
+    rollup_pending()
+    queries = _board_queries(browser)
+    assert len(queries) == before
+    assert [q for q in queries.captured_queries if "monitoring_usageevent" in q["sql"]] == []
+    page = browser.get("/console/").content.decode()
+    assert "3000 admitted requests, 10000 required (7000 to go)" in page
