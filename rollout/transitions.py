@@ -136,9 +136,17 @@ def _transition(
 # --- reviews and approvals ------------------------------------------------------------------
 
 
-def stale_reason(review: Review, release: Release) -> Refused | None:
-    """Why approvals of ``review`` no longer count, or None while they do."""
-    latest = release.reviews.order_by("-created_at", "-id").values_list("pk", flat=True).first()
+def stale_reason(
+    review: Review, release: Release, *, latest_id: int | None = None
+) -> Refused | None:
+    """Why approvals of ``review`` no longer count, or None while they do. A caller that
+    already knows the pk of the release's latest review passes it as ``latest_id`` (a
+    list of reviews then costs no query per row)."""
+    latest = latest_id
+    if latest is None:
+        latest = (
+            release.reviews.order_by("-created_at", "-id").values_list("pk", flat=True).first()
+        )
     if latest != review.pk:
         return Refused("review_superseded", "a newer review of this release replaces this one")
     if review.plan_id != release.active_plan_id:
