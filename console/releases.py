@@ -169,7 +169,9 @@ def _criterion_row(result: CriterionResult, totals, approvals: int | None) -> Cr
         missing = goal - float(observed)
         if missing > 0:
             to_go = (
-                f"{missing:,.2f} to go" if name == "min_days_in_stage" else f"{missing:,.0f} to go"
+                f"{missing:,.2f} days to go"
+                if name == "min_days_in_stage"
+                else f"{missing:,.0f} to go"
             )
     return CriterionRow(
         name,
@@ -284,7 +286,6 @@ def release_charts(stage: StagePolicy, span: ChartRange, usage: list[Bucket]) ->
             title=f"Requests by tier, {span.label}",
             series=by_tier,
             bucket_seconds=seconds,
-            y_unit="requests",
         ),
         admitted_refused=bar_chart(
             title=f"Admitted vs refused, {span.label}",
@@ -293,7 +294,6 @@ def release_charts(stage: StagePolicy, span: ChartRange, usage: list[Bucket]) ->
                 Series("refused", _points(totals, lambda b: b.denied)),
             ],
             bucket_seconds=seconds,
-            y_unit="requests",
         ),
         error_rate=_rate_chart(
             f"Error rate in {stage.name}, {span.label}",
@@ -316,7 +316,6 @@ def release_charts(stage: StagePolicy, span: ChartRange, usage: list[Bucket]) ->
                 Series("completion tokens", _points(totals, lambda b: b.completion_tokens)),
             ],
             bucket_seconds=seconds,
-            y_unit="tokens",
         ),
     )
 
@@ -370,6 +369,8 @@ def tripwire_tiles(
                 f" the last {tripwire.window_minutes} min: it cannot fire until there are"
                 " enough"
             )
+            if start > evaluation.now - timedelta(minutes=tripwire.window_minutes):
+                summary += f" (it counts from {start:%Y-%m-%d %H:%M} UTC, when it was armed)"
         else:
             state, summary = ARMED, result.explanation
         events_of = (
