@@ -219,6 +219,10 @@ def test_rotation_shows_the_successor_once_and_keeps_the_old_key_for_the_grace(
         authenticate_key(northwind_key.raw_key, now=timezone.now() + timedelta(hours=3))
     assert refused.value.code == "key_expired"
     assert raw_keys(browser.get("/console/keys/")) == []
+    old_page = browser.get(f"/console/keys/{old.public_id}/").content
+    assert (
+        f'Rotated to</dt><dd><a href="/console/keys/{successor.public_id}/">'.encode() in old_page
+    )
 
 
 def test_rotation_with_no_grace_ends_the_old_key_at_once(browser, cast, northwind_key):
