@@ -182,6 +182,9 @@ STORAGES = {
 }
 # Embedded mode serves static files straight from the apps, no collectstatic needed.
 WHITENOISE_USE_FINDERS = not PRODUCTION
+# ... and looks each one up when asked, so a stylesheet edited while the server runs is
+# served whole (indexed at start-up, a grown file was sent with its old Content-Length).
+WHITENOISE_AUTOREFRESH = not PRODUCTION
 if not PRODUCTION:
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise expects it to exist
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}

@@ -13,6 +13,7 @@ Every page the browser loads is checked for console errors and CSP violations (t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,10 +26,11 @@ from django.utils import timezone
 from access.keys import issue_key
 from access.models import Organization
 from monitoring.usage import write_events
-from rollout.models import Release
+from rollout.models import Approval, Release
 from rollout.plans import apply_plan
+from rollout.reviews import create_review
 from tests.factories import EXAMPLE_PLAN, make_org, make_user, traffic
-from tests.live import DemoUpstream, ProxyServer
+from tests.live import DemoUpstream, ProxyServer, wait_until
 
 pytestmark = pytest.mark.usefixtures("live_db")
 
@@ -146,3 +148,143 @@ def test_a_rollout_admin_signs_in_and_sees_the_board(cast, console):
 
     assert console.page.url == console.url("/console/")
     assert console.page.get_by_role("link", name="atlas-2").first.is_visible()
+
+
+def time_until(check, *, bound: float, what: str) -> float:
+    """Seconds until ``check()`` holds, polled every 20 ms; fails past ``bound``."""
+    started = time.monotonic()
+    wait_until(check, timeout=bound, what=what)
+    return time.monotonic() - started
+
+
+def current_stage(console, *, scope: str = "") -> str:
+    """The highlighted stage of the (first) stage ladder on the page."""
+    return console.page.locator(f'{scope} .ladder [aria-current="step"]').first.inner_text()
+
+
+def advance_review(cast: Cast):
+    """A scheduled review of atlas-2 that recommends advancing to commercial."""
+    ready_to_advance(cast.release)
+    review = create_review(cast.release, trigger="schedule")
+    assert review.recommendation == "advance", review.summary
+    return review
+
+
+# --- reviewers ------------------------------------------------------------------------------
+
+
+def test_two_reviewers_approve_an_advance_and_the_proxy_admits_the_next_tier(cast, console):
+    people(make_user("rita", roles=("reviewer",)), make_user("ruth", roles=("reviewer",)))
+    advance_review(cast)
+    refusal = cast.refused("acme-commercial")
+    assert refusal is not None and refusal.status_code == 404, refusal
+    page = console.page
+
+    console.sign_in("rita")
+    console.goto("/console/releases/atlas-2/")
+    page.get_by_role("button", name="Approve").click()
+    page.get_by_text("1 of 2 approvals counted").wait_for()
+    console.sign_out()
+
+    console.sign_in("ruth")
+    console.goto("/console/releases/atlas-2/")
+    page.get_by_role("button", name="Approve").click()
+    page.wait_for_load_state()
+    approved = time.monotonic()
+    assert current_stage(console) == "commercial"
+
+    console.goto("/console/")
+    assert current_stage(console, scope=".release-card") == "commercial"
+    # The proxy follows the console within a second or two: acme (verified commercial,
+    # in the commercial stage's 50% cohort) is admitted, the research partners still are.
+    wait_until(
+        lambda: cast.refused("acme-commercial") is None,
+        timeout=PROXY_BOUND,
+        what="the proxy to admit acme-commercial at commercial",
+    )
+    assert time.monotonic() - approved < PROXY_BOUND + 1
+    assert cast.chat("northwind-research")
+    refusal = cast.refused("tartu-university")
+    assert refusal is not None and refusal.status_code == 404
+
+
+def test_a_reviewer_approves_by_keyboard_alone(cast, console):
+    rita = make_user("rita", roles=("reviewer",))
+    people(rita)
+    review = advance_review(cast)
+    page = console.page
+    console.sign_in("rita")
+    console.goto("/console/releases/atlas-2/")
+
+    # Tab through the page from its top until the Approve button has the focus.
+    focused = None
+    for _ in range(200):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "(() => { const e = document.activeElement;"
+            " return e ? e.tagName + ':' + e.textContent.trim() : null; })()"
+        )
+        if focused == "BUTTON:Approve":
+            break
+    assert focused == "BUTTON:Approve", f"Tab never reached Approve (last focus: {focused})"
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none", "the focused button shows no focus ring"
+    with page.expect_navigation():
+        page.keyboard.press("Enter")  # the confirmation dialog is accepted
+
+    page.get_by_text("1 of 2 approvals counted").wait_for()
+    assert Approval.objects.filter(review=review, reviewer=rita, verdict="approve").exists()
+    # Space works on the Reject button just as well: ruth is not needed for that.
+
+
+# --- the release page -----------------------------------------------------------------------
+
+
+def some_usage(release: Release, *, hours: int = 36) -> None:
+    """A day and a half of research-preview traffic with a few flags and errors, rolled
+    up, so the release page's charts have a shape."""
+    from monitoring.rollups import rollup_pending
+
+    now = timezone.now()
+    events = []
+    for hour in range(hours):
+        start = now - timedelta(hours=hour + 1)
+        count = 20 + (hour * 7) % 30
+        events += traffic(
+            release=release.name,
+            stage="research_preview",
+            orgs=PARTNERS,
+            count=count,
+            start=start,
+            end=start + timedelta(minutes=59),
+            flagged_every=40 + hour % 7,
+            error_every=25 + hour % 5,
+        )
+    write_events(events)
+    rollup_pending()
+
+
+def test_the_release_page_draws_its_charts(cast, console, artifacts_dir):
+    people(User.objects.get(username="ada"))
+    with transaction.atomic():
+        Release.objects.filter(pk=cast.release.pk).update(
+            stage_entered_at=timezone.now() - timedelta(days=3)
+        )
+    some_usage(cast.release)
+    page = console.page
+    console.sign_in("ada")
+
+    console.goto("/console/releases/atlas-2/")
+
+    charts = page.locator("svg.chart")
+    assert charts.count() >= 4
+    for index in range(charts.count()):
+        chart = charts.nth(index)
+        assert chart.is_visible()
+        assert chart.get_attribute("role") == "img"
+        assert chart.locator("title").first.text_content().strip()
+    shot = page.screenshot(full_page=True)
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
+    if artifacts_dir is not None:
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(artifacts_dir / "console-release.png"), full_page=True)
