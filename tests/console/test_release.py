@@ -320,7 +320,7 @@ def test_the_plan_is_shown_readably_with_its_versions(browser, release, vera, ad
     assert "Rollout plan of atlas-2, version 2" in page
     assert "slow research down" in page
     assert '<a href="?version=1">v1</a>' in page
-    assert "flag-spike</strong>: flag_rate ≥ 0.05 over 60 min with at least 100 requests" in page
+    assert "flag-spike</strong>: flag_rate ≥ 5% over 60 min with at least 100 requests" in page
     assert '<th scope="row">research_partner</th><td>monitoring_agreement</td>' in page
     old = browser.get(PLANS, {"version": "1"}).content.decode()
     assert "Rollout plan of atlas-2, version 1" in old
