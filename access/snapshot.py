@@ -137,6 +137,16 @@ def load_org(pk: int) -> OrgEntry | None:
     return _load_orgs(pk=pk).get(pk)
 
 
+def load_orgs(pks: list[int]) -> dict[int, OrgEntry]:
+    """Several organizations as the snapshot holds them, by primary key (two queries)."""
+    return _load_orgs(pk__in=pks)
+
+
+def load_releases() -> dict[str, ReleaseEntry]:
+    """Every served release as the snapshot holds it, by name (one query)."""
+    return _load_releases()
+
+
 def _load_releases() -> dict[str, ReleaseEntry]:
     releases = {}
     for release in Release.objects.exclude(state=ReleaseState.RETIRED).select_related(

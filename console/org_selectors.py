@@ -23,7 +23,7 @@ from django.db.models import Prefetch, QuerySet, Sum, prefetch_related_objects
 
 from access.decisions import KeyEntry, RequestInfo, decide
 from access.models import ApiKey, Membership, Organization, Verification, VerificationStatus
-from access.snapshot import _load_orgs, _load_releases
+from access.snapshot import load_orgs, load_releases
 from console.guards import scoped
 from monitoring.models import UsageRollup
 from stagegate.roles import admin_org_ids, is_rollout_admin
@@ -131,8 +131,8 @@ def org_summaries(
             queryset=Membership.objects.select_related("user").order_by("user__username"),
         ),
     )
-    releases = _load_releases()
-    entries = _load_orgs(pk__in=[o.pk for o in orgs])
+    releases = load_releases()
+    entries = load_orgs([o.pk for o in orgs])
     managed = managed_org_ids(user)
     summaries = []
     for org in orgs:
