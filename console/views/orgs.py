@@ -301,6 +301,8 @@ def member_remove(request, slug: str, public_id: str):
     )
     organizations.remove_member(membership, actor=request.user)
     messages.success(request, f"{membership.user.get_username()} removed from {organization.slug}.")
+    if not visible_orgs(request.user).filter(pk=organization.pk).exists():
+        return redirect("console:orgs")  # an org admin who removed themselves
     return redirect("console:org", slug=organization.slug)
 
 

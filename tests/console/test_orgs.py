@@ -278,6 +278,14 @@ def test_org_admin_adds_and_removes_their_own_people(browser, cast, northwind):
     assert not Membership.objects.filter(pk=membership.pk).exists()
 
 
+def test_org_admin_who_removes_themselves_lands_on_the_list(browser, cast, northwind, olga):
+    Membership.objects.create(user=olga, organization=northwind, role="org_admin")
+    own = Membership.objects.get(organization=northwind, user__username="oscar")
+    answer = signed_in(browser, cast["oscar"]).post(f"{NORTHWIND}members/{own.public_id}/remove/")
+    assert (answer.status_code, answer["Location"]) == (302, "/console/orgs/")
+    assert browser.get(NORTHWIND).status_code == 403  # no organization left: no role
+
+
 @pytest.mark.parametrize("username", ["rita", "olga", "no-such-user", "<script>x</script>"])
 def test_org_admin_cannot_add_staff_or_others_people(browser, cast, northwind, username):
     signed_in(browser, cast["oscar"])
