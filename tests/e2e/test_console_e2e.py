@@ -288,3 +288,83 @@ def test_the_release_page_draws_its_charts(cast, console, artifacts_dir):
     if artifacts_dir is not None:
         artifacts_dir.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(artifacts_dir / "console-release.png"), full_page=True)
+
+
+# --- org admins and their keys --------------------------------------------------------------
+
+
+def test_an_org_admin_creates_a_key_calls_the_proxy_and_revokes_it(cast, console):
+    northwind = Organization.objects.get(slug="northwind-research")
+    people(make_user("oscar", org_admin_of=(northwind,)))
+    page = console.page
+    console.sign_in("oscar")
+
+    assert page.url == console.url("/console/orgs/")  # the board is for staff
+    page.get_by_role("link", name="Northwind Research").click()
+    create = page.locator('form[action$="/keys/new/"]')
+    create.get_by_label("Name").fill("e2e-batch-jobs")
+    create.get_by_role("button", name="Create key").click()
+    page.get_by_text("This is the only time the secret is shown").wait_for()
+    secret = page.locator("#secret").inner_text().strip()
+    assert secret.startswith("sgk_")
+
+    # The new key works once the proxy has loaded it.
+    wait_until(
+        lambda: cast.refused("northwind-research", secret) is None,
+        timeout=PROXY_BOUND,
+        what="the proxy to admit the new key",
+    )
+
+    page.get_by_role("link", name="Done: go to the key").click()
+    revoke = page.locator('form[action$="/revoke/"]')
+    revoke.get_by_label("Reason").fill("e2e: the batch job moved to another key")
+    revoke.get_by_role("button", name="Revoke").click()
+    page.get_by_text("revoked; it is refused from now on").wait_for()
+    revoked = time.monotonic()
+
+    # The next call is refused within a second; the organization's other key still works.
+    wait_until(
+        lambda: (
+            (refusal := cast.refused("northwind-research", secret)) is not None
+            and refusal.status_code == 401
+        ),
+        timeout=1.0,
+        what="the proxy to refuse the revoked key",
+    )
+    assert time.monotonic() - revoked < 1.0
+    assert cast.chat("northwind-research")
+
+
+# --- incidents ------------------------------------------------------------------------------
+
+
+def test_an_incident_filed_in_the_console_pauses_the_release_through_its_tripwire(cast, console):
+    # research_preview's "serious-incident" tripwire pauses on an open incident of
+    # severity high or above (docs/examples/atlas-2.yaml).
+    people(User.objects.get(username="ada"))
+    assert cast.chat("northwind-research")
+    page = console.page
+    console.sign_in("ada")
+
+    console.goto("/console/incidents/")
+    page.locator("#id_file-release").select_option("atlas-2")
+    page.locator("#id_file-severity").select_option("high")
+    page.locator("#id_file-title").fill("e2e: the model gives unsafe chemistry advice")
+    page.get_by_role("button", name="File incident").click()
+    page.get_by_text("filed.").wait_for()
+    filed = time.monotonic()
+
+    console.goto("/console/releases/atlas-2/")
+    assert page.locator("h1 .badge").inner_text().strip() == "paused"
+    assert page.get_by_text("serious-incident").first.is_visible()
+    wait_until(
+        lambda: (
+            (refusal := cast.refused("northwind-research")) is not None
+            and refusal.code == "release_paused"
+        ),
+        timeout=PROXY_BOUND,
+        what="the proxy to refuse the paused release",
+    )
+    assert time.monotonic() - filed < PROXY_BOUND + 1
+    cast.release.refresh_from_db()
+    assert cast.release.state == "paused"
