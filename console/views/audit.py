@@ -48,7 +48,7 @@ class AuditFilterForm(forms.Form):
     object_type = forms.CharField(required=False, max_length=32, validators=[token])
     object_id = forms.CharField(required=False, max_length=64, validators=[token])
     q = forms.CharField(
-        label="text",
+        label="Text",
         required=False,
         max_length=200,
         help_text=f"In the rows' data, among the newest {TEXT_SEARCH_WINDOW:,} rows.",
@@ -117,7 +117,7 @@ def audit(request):
             "query": query.urlencode(),
             "verification": last_verification(),
             "published": last_published(),
-            "export_max": EXPORT_MAX_ROWS,
+            "export_max": f"{EXPORT_MAX_ROWS:,}",
         },
     )
 
