@@ -37,6 +37,7 @@ class ReasonForm(forms.Form):
 
     reason = forms.CharField(
         max_length=REASON_MAX,
+        error_messages={"required": "Say why: a reason is required."},
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="Kept with the change and in the audit log.",
     )
@@ -51,6 +52,14 @@ class VerdictForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="Optional; kept with your verdict.",
     )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Two of these forms share a page: each label says which verdict it goes with.
+        if self.prefix == "reject":
+            self.fields["comment"].label = "Why you reject it"
+        else:
+            self.fields["comment"].label = "Comment on your approval"
 
 
 CHANGES = {
