@@ -21,12 +21,15 @@ What is measured
     usage 30d org   GET /console/usage/?range=30d&group_by=org (day bars, totals per org)
 
 How to read the output
-  median, p95   render time in ms over the timed renders
+  median, p95   render time in ms over the timed renders (wall clock)
+  cpu ms        this process's CPU time per render (median): Python, templates, charts;
+                less disturbed than wall time by other work on the machine
+  db ms         wall time inside SQL statements per render (median): PostgreSQL's part
   queries       SQL queries per render
   raw           queries per render that mention the usage event table (should be 0:
                 pages read the rollups only)
-  ratio         median at the largest size / median at the smallest: about 1 means the
-                page's cost does not grow with the events
+  ratios        largest size / smallest, of the median, cpu and db figures: about 1
+                means the page's cost does not grow with the events
 
 Usage: python bench/console.py [--sizes 100000,10000000] [--renders 30]
                                [--postgres postgres://postgres@127.0.0.1:5432]
@@ -41,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -81,30 +85,53 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def measure(client, url: str, renders: int) -> tuple[float, float, int, int]:
-    """Median and p95 ms of ``renders`` renders of ``url``; queries and raw-event
-    queries per render."""
+@dataclass(frozen=True)
+class Figures:
+    median: float  # wall ms per render
+    p95: float
+    cpu: float  # this process's CPU ms per render (median)
+    db: float  # wall ms inside SQL statements per render (median)
+    queries: int
+    raw: int  # queries that mention the usage event table
+
+
+def measure(client, url: str, renders: int) -> Figures:
+    """``renders`` timed renders of ``url`` after 3 warm-up ones."""
     from django.db import connection
 
     for _ in range(3):
         answer = client.get(url)
         if answer.status_code != 200:
             raise SystemExit(f"{url}: {answer.status_code}")
-    seen: list[str] = []
+    statements: list[str] = []
+    in_sql = [0.0]
 
     def spy(execute, sql, params, many, context):
-        seen.append(sql)
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(spy):
-        client.get(url)
-    raw = sum("monitoring_usageevent" in sql for sql in seen)
-    times = []
-    for _ in range(renders):
+        statements.append(sql)
         started = time.perf_counter()
-        client.get(url)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times), percentile(times, 0.95), len(seen), raw
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            in_sql[0] += time.perf_counter() - started
+
+    walls, cpus, dbs = [], [], []
+    with connection.execute_wrapper(spy):
+        for _ in range(renders):
+            statements.clear()
+            in_sql[0] = 0.0
+            started, cpu_started = time.perf_counter(), time.process_time()
+            client.get(url)
+            walls.append((time.perf_counter() - started) * 1000)
+            cpus.append((time.process_time() - cpu_started) * 1000)
+            dbs.append(in_sql[0] * 1000)
+    return Figures(
+        median=statistics.median(walls),
+        p95=percentile(walls, 0.95),
+        cpu=statistics.median(cpus),
+        db=statistics.median(dbs),
+        queries=len(statements),
+        raw=sum("monitoring_usageevent" in sql for sql in statements),
+    )
 
 
 def run(sizes: list[int], renders: int) -> None:
@@ -148,9 +175,9 @@ def run(sizes: list[int], renders: int) -> None:
     )
     print(
         f"{'events':>11}{'rollup rows':>13}  {'page':<15}{'median ms':>10}{'p95 ms':>9}"
-        f"{'queries':>9}{'raw':>5}"
+        f"{'cpu ms':>8}{'db ms':>7}{'queries':>9}{'raw':>5}"
     )
-    medians: dict[str, list[float]] = {name: [] for name in PAGES}
+    found: dict[str, list[Figures]] = {name: [] for name in PAGES}
     for count in sizes:
         reviews.truncate()
         reviews.load(count)
@@ -159,17 +186,21 @@ def run(sizes: list[int], renders: int) -> None:
             cursor.execute(f"ANALYZE {UsageRollup._meta.db_table}")
         rows = UsageRollup.objects.count()
         for name, url in PAGES.items():
-            median, p95, queries, raw = measure(client, url, renders)
-            medians[name].append(median)
+            f = measure(client, url, renders)
+            found[name].append(f)
             print(
-                f"{count:>11,}{rows:>13,}  {name:<15}{median:>10.1f}{p95:>9.1f}"
-                f"{queries:>9}{raw:>5}",
+                f"{count:>11,}{rows:>13,}  {name:<15}{f.median:>10.1f}{f.p95:>9.1f}"
+                f"{f.cpu:>8.1f}{f.db:>7.1f}{f.queries:>9}{f.raw:>5}",
                 flush=True,
             )
     if len(sizes) > 1:
-        print(f"ratio of medians, {sizes[-1]:,} / {sizes[0]:,} events:")
-        for name, values in medians.items():
-            print(f"  {name:<15}{values[-1] / values[0]:>6.2f}")
+        print(f"ratios, {sizes[-1]:,} / {sizes[0]:,} events:  median    cpu     db")
+        for name, figures in found.items():
+            first, last = figures[0], figures[-1]
+            print(
+                f"  {name:<15}{'':>21}{last.median / first.median:>6.2f}"
+                f"{last.cpu / first.cpu:>7.2f}{last.db / first.db:>7.2f}"
+            )
 
 
 def main() -> None:
