@@ -29,7 +29,7 @@ from monitoring.usage import write_events
 from rollout.models import Approval, Release
 from rollout.plans import apply_plan
 from rollout.reviews import create_review
-from tests.factories import EXAMPLE_PLAN, make_org, make_user, traffic
+from tests.factories import EXAMPLE_PLAN, make_org, make_user, traffic, usage_event
 from tests.live import DemoUpstream, ProxyServer, wait_until
 
 pytestmark = pytest.mark.usefixtures("live_db")
@@ -240,26 +240,42 @@ def test_a_reviewer_approves_by_keyboard_alone(cast, console):
 # --- the release page -----------------------------------------------------------------------
 
 
-def some_usage(release: Release, *, hours: int = 36) -> None:
-    """A day and a half of research-preview traffic with a few flags and errors, rolled
-    up, so the release page's charts have a shape."""
+def some_usage(release: Release, *, hours: int = 72) -> None:
+    """Three days of research-preview traffic that rises and falls with the working day,
+    with a few flags and errors, rolled up, so the release page's charts have a shape."""
     from monitoring.rollups import rollup_pending
 
     now = timezone.now()
     events = []
     for hour in range(hours):
         start = now - timedelta(hours=hour + 1)
-        count = 20 + (hour * 7) % 30
         events += traffic(
             release=release.name,
             stage="research_preview",
             orgs=PARTNERS,
-            count=count,
+            count=40 + (start.hour * 37) % 17 + (60 if 8 <= start.hour <= 18 else 0),
             start=start,
             end=start + timedelta(minutes=59),
-            flagged_every=40 + hour % 7,
-            error_every=25 + hour % 5,
+            # traffic() marks the first request of a batch: some hours have one.
+            flagged_every=500 if hour % 4 == 1 else 0,
+            error_every=70 if hour % 3 == 0 else 0,
         )
+        events += [  # a few requests over the rate limit
+            usage_event(
+                at=start + timedelta(minutes=minute),
+                release=release.name,
+                stage="research_preview",
+                org="northwind-research",
+                tier="research_partner",
+                request_id=f"req-limited-{hour}-{minute}",
+                decision="deny",
+                reason="rate_limited",
+                status=429,
+                prompt_tokens=0,
+                completion_tokens=0,
+            )
+            for minute in range(0, 60, 6 + hour % 9)
+        ]
     write_events(events)
     rollup_pending()
 
@@ -285,9 +301,14 @@ def test_the_release_page_draws_its_charts(cast, console, artifacts_dir):
         assert chart.locator("title").first.text_content().strip()
     shot = page.screenshot(full_page=True)
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
-    if artifacts_dir is not None:
+    if artifacts_dir is not None:  # the README's picture: the page down to its charts
         artifacts_dir.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(artifacts_dir / "console-release.png"), full_page=True)
+        bottom = page.locator('section[aria-labelledby="charts"]').bounding_box()
+        page.screenshot(
+            path=str(artifacts_dir / "console-release.png"),
+            full_page=True,
+            clip={"x": 0, "y": 0, "width": 1366, "height": bottom["y"] + bottom["height"] + 16},
+        )
 
 
 # --- org admins and their keys --------------------------------------------------------------
