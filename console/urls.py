@@ -2,8 +2,18 @@
 
 from django.urls import path
 
-from console.views import access, actions, auth, board, orgs, release, reviews, usage
-from console.views import audit, incidents
+from console.views import (
+    access,
+    actions,
+    audit,
+    auth,
+    board,
+    incidents,
+    orgs,
+    release,
+    reviews,
+    usage,
+)
 
 app_name = "console"
 

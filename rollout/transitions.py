@@ -144,9 +144,7 @@ def stale_reason(
     list of reviews then costs no query per row)."""
     latest = latest_id
     if latest is None:
-        latest = (
-            release.reviews.order_by("-created_at", "-id").values_list("pk", flat=True).first()
-        )
+        latest = release.reviews.order_by("-created_at", "-id").values_list("pk", flat=True).first()
     if latest != review.pk:
         return Refused("review_superseded", "a newer review of this release replaces this one")
     if review.plan_id != release.active_plan_id:
