@@ -48,7 +48,13 @@ def traffic(release, northwind, acme):
 
     def event(at, org, **fields):
         return usage_event(
-            at=at, release=release.name, stage=stage, org=org.public_id, tier=org.tier, **fields
+            at=at,
+            release=release.name,
+            stage=stage,
+            org=org.public_id,
+            tier=org.tier,
+            request_id=f"req-{at.timestamp():.0f}-{org.slug[:4]}",
+            **fields,
         )
 
     base = _hour_ago(3)
@@ -399,6 +405,7 @@ def test_csv_cells_never_start_a_formula(viewer, release):
                 stage=release.current_stage,
                 org="=HYPERLINK(1)",
                 tier="public",
+                request_id="req-formula",
             )
         ]
     )
