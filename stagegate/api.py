@@ -19,7 +19,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponseNotFound, JsonResponse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.response import Response
@@ -247,7 +247,9 @@ class ApiEdgeMiddleware:
 
     - A path or query parameter with a control character is refused before any view
       runs: 404 ``not_found`` for a path (no id has one), 400 ``invalid`` naming each
-      such parameter. One place for every filter and id, present and future.
+      such parameter. One place for every filter and id, present and future. A path
+      with one is a 404 on every other route too (the console's, the admin's): PostgreSQL
+      cannot even look such a name up.
     - A 404 that Django answered itself (no URL matched, e.g. an id with a dot) is
       answered in the error shape instead of an HTML page. Redirects that add a
       missing trailing slash are left alone.
@@ -257,10 +259,12 @@ class ApiEdgeMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
+        if CONTROL_CHARACTERS.search(request.path):  # no route of any app has one
+            if request.path.startswith(API_PREFIX):
+                return _error_response("not_found", str(exceptions.NotFound.default_detail), 404)
+            return HttpResponseNotFound("Not found.", content_type="text/plain")
         if not request.path.startswith(API_PREFIX):
             return self.get_response(request)
-        if CONTROL_CHARACTERS.search(request.path):
-            return _error_response("not_found", str(exceptions.NotFound.default_detail), 404)
         refused = sorted(
             name
             for name, values in request.GET.lists()

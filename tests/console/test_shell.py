@@ -203,3 +203,37 @@ def test_the_board_reads_rollups_only_and_its_queries_do_not_grow_with_traffic(
     assert [q for q in queries.captured_queries if "monitoring_usageevent" in q["sql"]] == []
     page = browser.get("/console/").content.decode()
     assert "3000 admitted requests, 10000 required (7000 to go)" in page
+
+
+HOSTILE = (
+    "%00",
+    "a%00b",
+    "%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    "sgk_0123456789abcdef_" + "Q" * 40,
+)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/console/releases/{}/",
+        "/console/releases/{}/plans/",
+        "/console/releases/atlas-2/plans/diff/?a={}&b=1",
+        "/console/orgs/{}/",
+        "/console/keys/{}/",
+        "/console/reviews/{}/",
+        "/console/incidents/{}/",
+        "/console/incidents/?release={}&status={}",
+        "/console/audit/?q={}&actor={}",
+        "/console/usage/?org={}&release={}",
+        "/console/access/?org={}&release={}",
+        "/console/?x={}",
+        "/admin/{}/",
+    ],
+)
+def test_hostile_text_in_any_console_url_is_never_a_500(browser, ada, release, url, text):
+    browser.force_login(ada)
+    answer = browser.get(url.format(text, text))
+    assert answer.status_code in (200, 400, 404), (url, text, answer.status_code)
+    assert b"<script>alert(1)" not in answer.content
