@@ -53,10 +53,9 @@ class UsageFilter(forms.Form):
         error_messages={"invalid_choice": "Choose 24 hours, 7 days or 30 days."},
     )
     start = forms.DateField(
-        label="From (UTC)",
+        label="From (UTC; with To, instead of the period)",
         required=False,
         widget=forms.DateInput(attrs={"type": "date"}),
-        help_text="With a To date, overrides the period.",
         error_messages={"invalid": "Enter a date as YYYY-MM-DD."},
     )
     end = forms.DateField(
@@ -171,17 +170,26 @@ def _percent(value: float | None) -> str:
     return "—" if value is None else format_value(value, "%")
 
 
-def _rows(report: UsageReport, slugs: dict[str, str]) -> list[dict]:
-    """The table: one row per group, then the total."""
+def _rows(report: UsageReport, slugs: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The table as text: one row per group, then the total; counts with thousands
+    separators, rates as percentages of admitted requests."""
     named = [(_label(report, key, slugs), figures) for key, figures in report.groups]
     return [
-        {
-            "label": label,
-            "f": figures,
-            "error_rate": _percent(figures.error_rate),
-            "flag_rate": _percent(figures.flag_rate),
-        }
-        for label, figures in [*named, ("total", report.total)]
+        (
+            label,
+            [
+                f"{f.requests:,}",
+                f"{f.allowed:,}",
+                f"{f.denied:,}",
+                f"{f.errors:,}",
+                _percent(f.error_rate),
+                f"{f.flagged:,}",
+                _percent(f.flag_rate),
+                f"{f.prompt_tokens:,}",
+                f"{f.completion_tokens:,}",
+            ],
+        )
+        for label, f in [*named, ("total", report.total)]
     ]
 
 
