@@ -47,6 +47,11 @@ document.addEventListener("securitypolicyviolation", (event) => {
 });
 """
 
+DUPLICATE_IDS = """(() => { const seen = new Set(), twice = new Set();
+  for (const e of document.querySelectorAll("[id]")) {
+    if (seen.has(e.id)) twice.add(e.id); seen.add(e.id); }
+  return [...twice]; })()"""
+
 
 def pytest_collection_modifyitems(config, items):
     reason = None
@@ -96,7 +101,15 @@ class Console:
     def goto(self, path: str):
         response = self.page.goto(self.url(path))
         assert response is not None and response.ok, f"{path}: {response and response.status}"
+        self.check_ids()
         return response
+
+    def check_ids(self) -> None:
+        """Record ids used twice on the page: a label's ``for`` and a field's error then
+        point at the wrong element for screen readers and for Playwright alike."""
+        twice = self.page.evaluate(DUPLICATE_IDS)
+        if twice:
+            self.errors.append(f"{self.page.url}: ids used more than once: {twice}")
 
     def sign_in(self, username: str, password: str | None = None) -> None:
         """Through the login form, as a person would; lands on the page after it."""
@@ -122,6 +135,8 @@ class Console:
 
     def problems(self) -> list[str]:
         """Console errors, uncaught exceptions and CSP violations seen so far."""
+        with contextlib.suppress(Exception):
+            self.check_ids()
         found = list(self.errors)
         with contextlib.suppress(Exception):  # the page is closed or mid-navigation
             found += [

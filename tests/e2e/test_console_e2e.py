@@ -151,7 +151,8 @@ def test_a_rollout_admin_signs_in_and_sees_the_board(cast, console):
 
 
 def time_until(check, *, bound: float, what: str) -> float:
-    """Seconds until ``check()`` holds, polled every 20 ms; fails past ``bound``."""
+    """Seconds until ``check()`` holds, polled every 20 ms; fails past ``bound`` seconds
+    (counted from the call: the caller adds what it did before)."""
     started = time.monotonic()
     wait_until(check, timeout=bound, what=what)
     return time.monotonic() - started
@@ -173,7 +174,9 @@ def advance_review(cast: Cast):
 # --- reviewers ------------------------------------------------------------------------------
 
 
-def test_two_reviewers_approve_an_advance_and_the_proxy_admits_the_next_tier(cast, console):
+def test_two_reviewers_approve_an_advance_and_the_proxy_admits_the_next_tier(
+    cast, console, record_property
+):
     people(make_user("rita", roles=("reviewer",)), make_user("ruth", roles=("reviewer",)))
     advance_review(cast)
     refusal = cast.refused("acme-commercial")
@@ -188,8 +191,8 @@ def test_two_reviewers_approve_an_advance_and_the_proxy_admits_the_next_tier(cas
 
     console.sign_in("ruth")
     console.goto("/console/releases/atlas-2/")
-    page.get_by_role("button", name="Approve").click()
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.get_by_role("button", name="Approve").click()
     approved = time.monotonic()
     assert current_stage(console) == "commercial"
 
@@ -197,15 +200,32 @@ def test_two_reviewers_approve_an_advance_and_the_proxy_admits_the_next_tier(cas
     assert current_stage(console, scope=".release-card") == "commercial"
     # The proxy follows the console within a second or two: acme (verified commercial,
     # in the commercial stage's 50% cohort) is admitted, the research partners still are.
-    wait_until(
+    time_until(
         lambda: cast.refused("acme-commercial") is None,
-        timeout=PROXY_BOUND,
+        bound=PROXY_BOUND,
         what="the proxy to admit acme-commercial at commercial",
     )
-    assert time.monotonic() - approved < PROXY_BOUND + 1
+    record_property("proxy_admits_after_approval_s", round(time.monotonic() - approved, 3))
     assert cast.chat("northwind-research")
     refusal = cast.refused("tartu-university")
     assert refusal is not None and refusal.status_code == 404
+
+
+FOCUSED = """(() => { const e = document.activeElement;
+  return e ? e.tagName + "#" + e.id + ":" + e.textContent.trim().slice(0, 40) : ""; })()"""
+
+
+def tab_to(page, target: str, *, limit: int = 150) -> str:
+    """Press Tab until the focused element's "TAG#id:text" starts with ``target``."""
+    focused = ""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(FOCUSED)
+        if focused.startswith(target):
+            outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+            assert outline != "none", f"{focused} has the focus but shows no focus ring"
+            return focused
+    raise AssertionError(f"Tab never reached {target} (last focus: {focused})")
 
 
 def test_a_reviewer_approves_by_keyboard_alone(cast, console):
@@ -213,28 +233,31 @@ def test_a_reviewer_approves_by_keyboard_alone(cast, console):
     people(rita)
     review = advance_review(cast)
     page = console.page
-    console.sign_in("rita")
-    console.goto("/console/releases/atlas-2/")
+    console.goto("/console/login/")
 
-    # Tab through the page from its top until the Approve button has the focus.
-    focused = None
-    for _ in range(200):
-        page.keyboard.press("Tab")
-        focused = page.evaluate(
-            "(() => { const e = document.activeElement;"
-            " return e ? e.tagName + ':' + e.textContent.trim() : null; })()"
-        )
-        if focused == "BUTTON:Approve":
-            break
-    assert focused == "BUTTON:Approve", f"Tab never reached Approve (last focus: {focused})"
-    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
-    assert outline != "none", "the focused button shows no focus ring"
+    # Sign in, open the release from the board, comment and approve: keys only.
+    tab_to(page, "INPUT#id_username")
+    page.keyboard.type("rita")
+    tab_to(page, "INPUT#id_password")
+    page.keyboard.type("rita-pass-9137")
     with page.expect_navigation():
-        page.keyboard.press("Enter")  # the confirmation dialog is accepted
+        page.keyboard.press("Enter")
+    tab_to(page, "A#:atlas-2")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.url == console.url("/console/releases/atlas-2/")
+    tab_to(page, "TEXTAREA#id_approve-comment")
+    page.keyboard.type("Clean for two weeks; approved from the keyboard.")
+    tab_to(page, "BUTTON#:Approve", limit=1)
+    with page.expect_navigation():
+        page.keyboard.press("Space")  # and the confirmation dialog is accepted
 
     page.get_by_text("1 of 2 approvals counted").wait_for()
-    assert Approval.objects.filter(review=review, reviewer=rita, verdict="approve").exists()
-    # Space works on the Reject button just as well: ruth is not needed for that.
+    approval = Approval.objects.get(review=review, reviewer=rita)
+    assert (approval.verdict, approval.comment) == (
+        "approve",
+        "Clean for two weeks; approved from the keyboard.",
+    )
 
 
 # --- the release page -----------------------------------------------------------------------
@@ -314,7 +337,7 @@ def test_the_release_page_draws_its_charts(cast, console, artifacts_dir):
 # --- org admins and their keys --------------------------------------------------------------
 
 
-def test_an_org_admin_creates_a_key_calls_the_proxy_and_revokes_it(cast, console):
+def test_an_org_admin_creates_a_key_calls_the_proxy_and_revokes_it(cast, console, record_property):
     northwind = Organization.objects.get(slug="northwind-research")
     people(make_user("oscar", org_admin_of=(northwind,)))
     page = console.page
@@ -330,36 +353,40 @@ def test_an_org_admin_creates_a_key_calls_the_proxy_and_revokes_it(cast, console
     assert secret.startswith("sgk_")
 
     # The new key works once the proxy has loaded it.
-    wait_until(
+    admitted = time_until(
         lambda: cast.refused("northwind-research", secret) is None,
-        timeout=PROXY_BOUND,
+        bound=PROXY_BOUND,
         what="the proxy to admit the new key",
     )
+    record_property("new_key_admitted_after_s", round(admitted, 3))
 
     page.get_by_role("link", name="Done: go to the key").click()
     revoke = page.locator('form[action$="/revoke/"]')
     revoke.get_by_label("Reason").fill("e2e: the batch job moved to another key")
-    revoke.get_by_role("button", name="Revoke").click()
-    page.get_by_text("revoked; it is refused from now on").wait_for()
+    with page.expect_navigation():
+        revoke.get_by_role("button", name="Revoke").click()
     revoked = time.monotonic()
+    page.get_by_text("revoked; it is refused from now on").wait_for()
 
     # The next call is refused within a second; the organization's other key still works.
-    wait_until(
+    time_until(
         lambda: (
             (refusal := cast.refused("northwind-research", secret)) is not None
             and refusal.status_code == 401
         ),
-        timeout=1.0,
+        bound=1.0,
         what="the proxy to refuse the revoked key",
     )
-    assert time.monotonic() - revoked < 1.0
+    record_property("revoked_key_refused_after_s", round(time.monotonic() - revoked, 3))
     assert cast.chat("northwind-research")
 
 
 # --- incidents ------------------------------------------------------------------------------
 
 
-def test_an_incident_filed_in_the_console_pauses_the_release_through_its_tripwire(cast, console):
+def test_an_incident_filed_in_the_console_pauses_the_release_through_its_tripwire(
+    cast, console, record_property
+):
     # research_preview's "serious-incident" tripwire pauses on an open incident of
     # severity high or above (docs/examples/atlas-2.yaml).
     people(User.objects.get(username="ada"))
@@ -371,21 +398,22 @@ def test_an_incident_filed_in_the_console_pauses_the_release_through_its_tripwir
     page.locator("#id_file-release").select_option("atlas-2")
     page.locator("#id_file-severity").select_option("high")
     page.locator("#id_file-title").fill("e2e: the model gives unsafe chemistry advice")
-    page.get_by_role("button", name="File incident").click()
-    page.get_by_text("filed.").wait_for()
+    with page.expect_navigation():
+        page.get_by_role("button", name="File incident").click()
     filed = time.monotonic()
+    page.get_by_text("filed.").wait_for()
 
     console.goto("/console/releases/atlas-2/")
     assert page.locator("h1 .badge").inner_text().strip() == "paused"
     assert page.get_by_text("serious-incident").first.is_visible()
-    wait_until(
+    time_until(
         lambda: (
             (refusal := cast.refused("northwind-research")) is not None
             and refusal.code == "release_paused"
         ),
-        timeout=PROXY_BOUND,
+        bound=PROXY_BOUND,
         what="the proxy to refuse the paused release",
     )
-    assert time.monotonic() - filed < PROXY_BOUND + 1
+    record_property("proxy_refuses_after_incident_s", round(time.monotonic() - filed, 3))
     cast.release.refresh_from_db()
     assert cast.release.state == "paused"
