@@ -315,7 +315,7 @@ def test_anonymous_gets_401_with_www_authenticate(api, method, url):
     assert response.status_code == 401
     assert (
         response["WWW-Authenticate"]
-        == 'Cookie realm="stagegate", form-action="/admin/login/", cookie-name="sessionid"'
+        == 'Cookie realm="stagegate", form-action="/console/login/", cookie-name="sessionid"'
     )
     assert response.json() == {
         "error": {
