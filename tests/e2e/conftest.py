@@ -67,8 +67,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"browser tests skipped: {reason}"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Chromium for one module: the browser, and the asyncio loop Playwright's sync API
+    runs in this thread, last no longer than the tests that use them."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
