@@ -150,6 +150,24 @@ def test_a_rollout_admin_signs_in_and_sees_the_board(cast, console):
     assert console.page.get_by_role("link", name="atlas-2").first.is_visible()
 
 
+def test_the_harness_sees_a_csp_violation(cast, console):
+    """The "no errors" check of every test is not vacuous: an inline script slipped into
+    a console page is blocked by the CSP, and the harness reports it."""
+    people(User.objects.get(username="ada"))
+    console.sign_in("ada")
+    console.page.evaluate(
+        """() => { const s = document.createElement("script");
+        s.textContent = "window.injected = true"; document.body.appendChild(s); }"""
+    )
+    wait_until(console.problems, timeout=5, what="the violation to be reported")
+
+    problems = console.problems()
+    assert any("script-src" in problem for problem in problems), problems
+    assert console.page.evaluate("window.injected === undefined")
+    console.errors.clear()
+    console.page.evaluate("window.__cspViolations = []")
+
+
 def time_until(check, *, bound: float, what: str) -> float:
     """Seconds until ``check()`` holds, polled every 20 ms; fails past ``bound`` seconds
     (counted from the call: the caller adds what it did before)."""
