@@ -67,10 +67,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"browser tests skipped: {reason}"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser():
-    """Chromium for one module: the browser, and the asyncio loop Playwright's sync API
-    runs in this thread, last no longer than the tests that use them."""
+    """Chromium for one test: the browser, and the asyncio loop Playwright's sync API
+    runs in this thread, last no longer than the test. (Module-scoped, the loop outlived
+    the e2e tests whenever pytest-django ran other modules' tests between them, and
+    every later test that used asyncio or the ORM failed.)"""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
