@@ -35,12 +35,14 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         "stage",
         "tier",
         "org",
+        "reason",
         "requests",
         "allowed",
+        "denied",
         "errors",
         "flagged",
     )
-    list_filter = ("bucket_seconds", "release", "stage", "tier")
+    list_filter = ("bucket_seconds", "release", "stage", "tier", "reason")
     search_fields = ("org",)
     readonly_fields = [f.name for f in UsageRollup._meta.fields]
 

@@ -67,7 +67,8 @@ class UsageEvent(models.Model):
 
 
 class UsageRollup(models.Model):
-    """Usage events of one (release, stage, tier, org) summed over one minute or one hour.
+    """Usage events of one (release, stage, tier, org, reason) summed over one minute or
+    one hour.
 
     Stage reviews and tripwires read these rows, never the raw events, so what a review
     costs depends on its time span and the number of orgs, not on the traffic. Minute
@@ -79,6 +80,12 @@ class UsageRollup(models.Model):
     them by decision; ``errors`` (upstream failures) and ``flagged`` (content filter)
     count allowed events only, as do the token and latency sums, because a refused
     request reached no model.
+
+    ``reason`` is the decision's reason code (``ok`` for every allowed event), so the
+    refusals of a bucket are split by why. A reader that wants less detail sums over
+    it: no reader may assume one row per (bucket, release, stage, tier, org). Rows
+    written before the column existed hold ``""`` (the whole bucket, all reasons)
+    until a rollup of their range replaces them.
     """
 
     MINUTE = 60
@@ -91,6 +98,9 @@ class UsageRollup(models.Model):
     stage = models.CharField(max_length=40, blank=True)
     tier = models.CharField(max_length=32, blank=True)
     org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
+    reason = models.CharField(
+        max_length=32, blank=True, default="", help_text="Decision reason code, ok if allowed."
+    )
     requests = models.PositiveBigIntegerField(default=0)
     allowed = models.PositiveBigIntegerField(default=0)
     denied = models.PositiveBigIntegerField(default=0)
@@ -105,8 +115,16 @@ class UsageRollup(models.Model):
             # The upsert's conflict target. Leading with the bucket, its index also
             # serves the rollup's own range scans and deletes, which span all releases.
             models.UniqueConstraint(
-                fields=["bucket_seconds", "bucket_start", "release", "stage", "tier", "org"],
-                name="usage_rollup_bucket_key",
+                fields=[
+                    "bucket_seconds",
+                    "bucket_start",
+                    "release",
+                    "stage",
+                    "tier",
+                    "org",
+                    "reason",
+                ],
+                name="usage_rollup_bucket_reason_key",
             ),
         ]
         # The review's read: one release and stage, hour rows over the whole hours of
@@ -121,7 +139,7 @@ class UsageRollup(models.Model):
     def __str__(self) -> str:
         return (
             f"{self.bucket_start:%Y-%m-%d %H:%M} +{self.bucket_seconds}s {self.release}"
-            f" {self.stage} {self.tier} {self.org}: {self.requests}"
+            f" {self.stage} {self.tier} {self.org} {self.reason}: {self.requests}"
         )
 
 

@@ -1,7 +1,8 @@
 """Usage rollups: stage reviews and tripwires read small aggregates, never raw events.
 
-``UsageRollup`` holds one row per (bucket, release, stage, tier, org) for minute and
-hour buckets. Minute rows are computed from ``UsageEvent`` rows, hour rows from minute
+``UsageRollup`` holds one row per (bucket, release, stage, tier, org, reason) for
+minute and hour buckets, ``reason`` being the decision's reason code (``ok`` when
+allowed). Minute rows are computed from ``UsageEvent`` rows, hour rows from minute
 rows. Every write is a *replacing* upsert (``INSERT ... SELECT ... GROUP BY ... ON
 CONFLICT DO UPDATE SET col = EXCLUDED.col``): a bucket is recomputed from the truth
 and overwritten, never incremented, so running a rollup twice, or re-running one a
@@ -19,7 +20,8 @@ provided the job runs more often than ``lateness``.
 
 Reads: ``stage_totals`` (a review's period: hour rows for the whole hours, minute
 rows at both edges) and ``window_totals`` (a tripwire's last minutes). Both count
-events in whole minutes: bounds are rounded down to the minute. ``raw_totals``
+events in whole minutes: bounds are rounded down to the minute, and both sum over
+reasons (as every reader must: a bucket has one row per reason). ``raw_totals``
 computes the same figures from the raw events, for tests and benchmarks.
 """
 
@@ -57,7 +59,7 @@ CURSOR_NAME = "usage"
 ADVISORY_LOCK_KEY = int.from_bytes(b"sgrollup", "big")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_GROUP = ("release", "stage", "tier", "org")
+_GROUP = ("release", "stage", "tier", "org", "reason")
 _COUNTERS = (
     "requests",
     "allowed",

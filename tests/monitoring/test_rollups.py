@@ -1,7 +1,9 @@
 """Usage rollups: totals from rollups equal totals from the raw events (random data,
 partial hours, minute edges, tripwire windows), rollups replace rather than add (twice,
-chunked, after an interrupted run, after events are gone), the cursor picks up late
-events, and the counting rules for denied, errored and flagged requests."""
+chunked, after an interrupted run, after events are gone, over rows written before
+they were keyed by reason), each bucket keeps its refusals per reason, the cursor
+picks up late events, and the counting rules for denied, errored and flagged
+requests."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection, connections
+from django.db.models import Sum
 
 from monitoring.models import RollupCursor, UsageEvent, UsageRollup
 from monitoring.rollups import (
@@ -36,7 +39,10 @@ ORGS = (  # (org public id, tier); one blank org, as a refusal before the key is
     ("org_publicdev", "public"),
     ("", ""),
 )
-KEY_COLUMNS = ("bucket_seconds", "bucket_start", "release", "stage", "tier", "org")
+KEY_COLUMNS = ("bucket_seconds", "bucket_start", "release", "stage", "tier", "org", "reason")
+# Refusal reasons of the random events, taken in turn (not from the random stream, so
+# the other draws stay as they were).
+REFUSALS = ("tier_not_admitted", "rate_limited", "rate_limited", "quota_exceeded")
 ROW_COLUMNS = (
     *KEY_COLUMNS,
     "requests",
@@ -58,6 +64,7 @@ def _event(
     org: str = "org_northwind",
     tier: str = "research_partner",
     decision: str = "allow",
+    reason: str = "",
     error: str = "",
     flagged: bool = False,
     prompt_tokens: int = 10,
@@ -75,7 +82,7 @@ def _event(
         "stage": stage,
         "endpoint": "chat.completions",
         "decision": decision,
-        "reason": "ok" if decision == "allow" else "tier_not_admitted",
+        "reason": reason or ("ok" if decision == "allow" else "tier_not_admitted"),
         "status": 200 if decision == "allow" else 403,
         "error": error,
         "streamed": False,
@@ -113,6 +120,7 @@ def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[tuple]:
                 org=org,
                 tier=tier,
                 decision="allow" if allowed else "deny",
+                reason="ok" if allowed else REFUSALS[len(events) % len(REFUSALS)],
                 error="upstream_error" if rng.random() < 0.1 else "",
                 flagged=rng.random() < 0.1,
                 prompt_tokens=rng.randint(0, 500) if allowed else 0,
@@ -409,12 +417,12 @@ def test_hour_rows_equal_the_sum_of_their_minutes(db):
     minutes: dict[tuple, list[int]] = {}
     for row in UsageRollup.objects.filter(bucket_seconds=60).values_list(*ROW_COLUMNS):
         hour = row[1].replace(minute=0)
-        sums = minutes.setdefault((hour, *row[2:6]), [0] * 8)
-        for i, value in enumerate(row[6:]):
+        sums = minutes.setdefault((hour, *row[2:7]), [0] * 8)
+        for i, value in enumerate(row[7:]):
             sums[i] += value
 
     hours = {
-        row[1:6]: list(row[6:])
+        row[1:7]: list(row[7:])
         for row in UsageRollup.objects.filter(bucket_seconds=3600).values_list(*ROW_COLUMNS)
     }
 
@@ -440,3 +448,76 @@ def test_rollup_pending_another_run_holding_the_lock_skips(db):
         None,
     )
     assert rollup_pending(now=END).skipped is False
+
+
+def test_rollups_keep_refusals_per_reason_in_each_bucket(db):
+    first, second = BASE + timedelta(minutes=3), BASE + timedelta(minutes=40, seconds=5)
+    denied = {"decision": "deny", "prompt_tokens": 0, "completion_tokens": 0}
+    write_events(
+        [
+            _event(first),
+            _event(first + timedelta(seconds=20)),
+            _event(first, reason="rate_limited", **denied),
+            _event(first + timedelta(seconds=59), reason="rate_limited", **denied),
+            _event(first, reason="quota_exceeded", **denied),
+            _event(second, reason="rate_limited", **denied),
+            _event(second),
+        ]
+    )
+    rollup_pending(now=END)
+
+    rows = UsageRollup.objects.order_by("bucket_seconds", "bucket_start", "reason")
+    assert list(rows.values_list("bucket_seconds", "bucket_start", "reason", "requests")) == [
+        (60, first, "ok", 2),
+        (60, first, "quota_exceeded", 1),
+        (60, first, "rate_limited", 2),
+        (60, second.replace(second=0), "ok", 1),
+        (60, second.replace(second=0), "rate_limited", 1),
+        (3600, BASE, "ok", 3),
+        (3600, BASE, "quota_exceeded", 1),
+        (3600, BASE, "rate_limited", 3),
+    ]
+    hour = UsageRollup.objects.filter(bucket_seconds=3600, reason="rate_limited").get()
+    assert (hour.allowed, hour.denied, hour.prompt_tokens) == (0, 3, 0)
+    period = {"release": "atlas-2", "stage": "research_preview", "since": BASE, "until": END}
+    totals = stage_totals(**period)
+    assert (totals.requests, totals.allowed, totals.denied) == (7, 3, 4)
+    assert totals == raw_totals(**period)
+
+
+def test_rollup_replaces_rows_from_before_reasons_without_double_counting(db):
+    # Rows as migration 0005 leaves them: reason "" holding every reason of the bucket.
+    write_events(_random_events(1500))
+    rollup_pending(now=END)
+    fresh = _rows()
+    merged: dict[tuple, list] = {}
+    for row in UsageRollup.objects.values_list(*ROW_COLUMNS):
+        sums = merged.setdefault(row[:6], [0] * 8)
+        for i, value in enumerate(row[7:]):
+            sums[i] += value
+    UsageRollup.objects.all().delete()
+    UsageRollup.objects.bulk_create(
+        UsageRollup(**dict(zip((*KEY_COLUMNS, *ROW_COLUMNS[7:]), (*key, "", *sums), strict=True)))
+        for key, sums in merged.items()
+    )
+    assert set(UsageRollup.objects.values_list("reason", flat=True)) == {""}
+    _assert_totals_match_raw()  # a legacy row is still its whole bucket
+
+    # The next rollup of part of the range, cutting hours: its "" minute rows are
+    # replaced, and the hours it touches are summed again from old and new minutes.
+    since, until = BASE + timedelta(hours=1, minutes=20), BASE + timedelta(hours=2, minutes=10)
+    rollup_window(since, until)
+    _assert_totals_match_raw()
+    minutes = UsageRollup.objects.filter(bucket_seconds=60)
+    touched = minutes.filter(bucket_start__gte=since, bucket_start__lt=until)
+    assert (touched.filter(reason="").exists(), touched.exists()) == (False, True)
+    assert minutes.filter(bucket_start__lt=since, reason="").exists()
+    for hour in (BASE + timedelta(hours=1), BASE + timedelta(hours=2)):
+        in_hour = minutes.filter(bucket_start__gte=hour, bucket_start__lt=hour + timedelta(hours=1))
+        hour_rows = UsageRollup.objects.filter(bucket_seconds=3600, bucket_start=hour)
+        assert hour_rows.aggregate(n=Sum("requests")) == in_hour.aggregate(n=Sum("requests"))
+
+    # The whole range: exactly the rows a first rollup writes.
+    rollup_window(BASE - timedelta(hours=2), END)
+    assert _rows() == fresh
+    _assert_totals_match_raw()
