@@ -210,23 +210,47 @@ def _threshold(frame: _Frame, threshold: Threshold | None, unit: str) -> list[st
     ]
 
 
-def _legend(names: Sequence[str]) -> list[str]:
-    parts = ['<g class="legend">']
+LEGEND_ROW = 16
+
+
+def _legend_rows(names: Sequence[str], width: int) -> list[list[tuple[int, str]]]:
+    """The legend's (series index, name) items in rows that fit ``width``."""
+    rows: list[list[tuple[int, str]]] = [[]]
     x = MARGIN_LEFT
     for index, name in enumerate(names):
-        parts.append(
-            _svg(
-                '<rect class="series-{}" x="{}" y="8" width="10" height="10"/>'
-                '<text x="{}" y="17">{}</text>',
-                index % 8,
-                x,
-                x + 14,
-                name,
+        item = 24 + 7 * len(name)  # swatch, gap and an estimate of the text's width
+        if rows[-1] and x + item > width:
+            rows.append([])
+            x = MARGIN_LEFT
+        rows[-1].append((index, name))
+        x += item
+    return rows
+
+
+def _legend(names: Sequence[str], width: int, height: int) -> tuple[list[str], int]:
+    """The legend's first row above the plot, any further rows (a chart of many
+    series) below the x axis; returns its parts and the height the rows below add."""
+    rows = _legend_rows(names, width)
+    parts = ['<g class="legend">']
+    for number, row in enumerate(rows):
+        y = 8 if number == 0 else height + (number - 1) * LEGEND_ROW
+        x = MARGIN_LEFT
+        for index, name in row:
+            parts.append(
+                _svg(
+                    '<rect class="series-{}" x="{}" y="{}" width="10" height="10"/>'
+                    '<text x="{}" y="{}">{}</text>',
+                    index % 8,
+                    x,
+                    y,
+                    x + 14,
+                    y + 9,
+                    name,
+                )
             )
-        )
-        x += 24 + 7 * len(name)
+            x += 24 + 7 * len(name)
     parts.append("</g>")
-    return parts
+    return parts, (len(rows) - 1) * LEGEND_ROW
 
 
 def _bounds(series: Sequence[Series]) -> tuple[datetime, datetime] | None:
@@ -280,7 +304,8 @@ def line_chart(
     frame = _Frame(
         start.timestamp(), end.timestamp(), y_max or nice_ceiling(peak * 1.1), width, height
     )
-    parts = _open(title, _describe(series, y_unit, threshold), width, height, "line-chart")
+    legend, extra = _legend([one.name for one in series], width, height)
+    parts = _open(title, _describe(series, y_unit, threshold), width, height + extra, "line-chart")
     parts += _axes(frame, start, end, y_unit, x_label)
     for index, one in enumerate(series):
         points = " ".join(
@@ -297,7 +322,7 @@ def line_chart(
             )
         )
     parts += _threshold(frame, threshold, y_unit)
-    parts += _legend([one.name for one in series])
+    parts += legend
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by _svg
 
@@ -330,7 +355,8 @@ def bar_chart(
         height,
     )
     bar_w = max(1.0, frame.plot_w * bucket_seconds / (frame.end - frame.start) - 1)
-    parts = _open(title, _describe(series, y_unit, None), width, height, "bar-chart")
+    legend, extra = _legend([one.name for one in series], width, height)
+    parts = _open(title, _describe(series, y_unit, None), width, height + extra, "bar-chart")
     parts += _axes(frame, start, end, y_unit, x_label)
     base: dict[float, float] = {}
     for index, one in enumerate(series):
@@ -356,7 +382,7 @@ def bar_chart(
                     format_value(value, y_unit),
                 )
             )
-    parts += _legend([one.name for one in series])
+    parts += legend
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308 - every part is escaped by _svg
 

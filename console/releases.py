@@ -9,6 +9,7 @@ length of the release's history.
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -16,7 +17,14 @@ from django.utils.safestring import SafeString
 
 from console.charts import Series, Threshold, bar_chart, line_chart, nice_ceiling
 from monitoring.rollups import window_totals
-from monitoring.series import DAY, HOUR, Bucket, regroup, totals_per_bucket
+from monitoring.series import (
+    DAY,
+    HOUR,
+    Bucket,
+    refusals_by_reason,
+    regroup,
+    totals_per_bucket,
+)
 from rollout.criteria import CriterionResult, TripwireResult, wilson_upper_bound
 from rollout.models import Recommendation, Release, RolloutPlan
 from rollout.plan_schema import StagePolicy, Tripwire, canonical_yaml
@@ -256,6 +264,34 @@ def _rate_chart(title: str, buckets, metric: str, maximum: float | None, label: 
     )
 
 
+TOP_REASONS = 5  # refusal reasons drawn on their own; the rest are "other"
+OTHER_REASONS = "other"
+UNRECORDED_REASON = "reason not recorded"  # refusals rolled up before reasons were kept
+
+
+def refusal_series(by_reason: dict[datetime, Counter[str]]) -> list[Series]:
+    """One series per refusal reason, the ``TOP_REASONS`` most frequent of the range
+    first (ties by name), then one "other" for the rest."""
+    totals: Counter[str] = Counter()
+    for counts in by_reason.values():
+        totals.update(counts)
+    ranked = sorted(totals, key=lambda reason: (-totals[reason], reason))
+    top, rest = ranked[:TOP_REASONS], set(ranked[TOP_REASONS:])
+    series = [
+        Series(
+            reason or UNRECORDED_REASON,
+            [(start, counts[reason]) for start, counts in by_reason.items() if counts[reason]],
+        )
+        for reason in top
+    ]
+    if rest:
+        others = [
+            (start, sum(counts[reason] for reason in rest)) for start, counts in by_reason.items()
+        ]
+        series.append(Series(OTHER_REASONS, [(start, n) for start, n in others if n]))
+    return series
+
+
 @dataclass(frozen=True)
 class Charts:
     requests_by_tier: SafeString
@@ -288,10 +324,10 @@ def release_charts(stage: StagePolicy, span: ChartRange, usage: list[Bucket]) ->
             bucket_seconds=seconds,
         ),
         admitted_refused=bar_chart(
-            title=f"Admitted vs refused, {span.label}",
+            title=f"Admitted vs refused by reason, {span.label}",
             series=[
                 Series("admitted", _points(totals, lambda b: b.allowed)),
-                Series("refused", _points(totals, lambda b: b.denied)),
+                *refusal_series(refusals_by_reason(usage, step=span.step)),
             ],
             bucket_seconds=seconds,
         ),

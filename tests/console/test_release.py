@@ -4,7 +4,7 @@ rollups, the plan with its versions and diffs; roles and hostile input."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 import yaml
@@ -14,6 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from console.releases import percent, rate_in_words
+from monitoring.models import UsageRollup
 from monitoring.rollups import rollup_pending
 from monitoring.usage import write_events
 from rollout import transitions
@@ -234,12 +235,25 @@ def test_charts_are_drawn_from_rollups_with_thresholds_and_series(browser, relea
             status=404,
         )
     )
+    events += [
+        usage_event(
+            at=now - timedelta(hours=hours),
+            release="atlas-2",
+            stage="research_preview",
+            org="northwind-research",
+            tier="research_partner",
+            decision="deny",
+            reason="rate_limited",
+            status=429,
+        )
+        for hours in (2, 2.5, 5)
+    ]
     _send(events)
     browser.force_login(vera)
     page = browser.get(PAGE).content.decode()
     for title in (
         "<title>Requests by tier, the last 7d</title>",
-        "<title>Admitted vs refused, the last 7d</title>",
+        "<title>Admitted vs refused by reason, the last 7d</title>",
         "<title>Error rate in research_preview, the last 7d</title>",
         "<title>Flag rate in research_preview, the last 7d</title>",
         "<title>Tokens, the last 7d</title>",
@@ -249,7 +263,8 @@ def test_charts_are_drawn_from_rollups_with_thresholds_and_series(browser, relea
         "research_partner",
         "verified_commercial",
         "admitted",
-        "refused",
+        "rate_limited",
+        "tier_not_admitted",
         "error rate per bucket",
         "flag rate per bucket",
         "95% upper bound, cumulative",
@@ -259,7 +274,89 @@ def test_charts_are_drawn_from_rollups_with_thresholds_and_series(browser, relea
         assert f">{series}</text>" in page  # in a chart's legend
     assert "max error rate 2%" in page
     assert "max flag rate 1%" in page
-    assert "their reasons are not, so they are not split here" in page
+    assert "their reasons are not" not in page
+
+
+def _legend(page: str, title: str) -> list[str]:
+    """The legend's names of the chart titled ``title``, in order."""
+    chart = page.split(f"<title>{title}</title>", 1)[1].split("</svg>", 1)[0]
+    legend = chart.split('<g class="legend">', 1)[1].split("</g>", 1)[0]
+    return re.findall(r">([^<]+)</text>", legend)
+
+
+def test_refusals_are_stacked_by_reason_top_five_then_other(browser, release, vera):
+    # Ten minutes into an hour two hours ago: every event in that one hour bucket.
+    at = (timezone.now() - timedelta(hours=2)).replace(minute=10, second=0, microsecond=0)
+    counts = {  # reason: refusals
+        "rate_limited": 7,
+        "quota_exceeded": 6,
+        "release_paused": 5,
+        "verification_required": 4,
+        "invalid_key": 3,
+        "key_revoked": 2,
+        "request_too_large": 1,
+    }
+    events = [
+        usage_event(
+            at=at + timedelta(seconds=index),
+            release="atlas-2",
+            stage="research_preview",
+            org="northwind-research",
+            tier="research_partner",
+            decision="deny",
+            reason=reason,
+            status=429,
+            request_id=f"req-{reason}-{index}",
+        )
+        for reason, count in counts.items()
+        for index in range(count)
+    ]
+    events.append(
+        usage_event(
+            at=at, release="atlas-2", stage="research_preview", org="n", tier="research_partner"
+        )
+    )
+    _send(events)
+    browser.force_login(vera)
+    page = browser.get(PAGE).content.decode()
+
+    title = "Admitted vs refused by reason, the last 7d"
+    assert _legend(page, title) == [
+        "admitted",
+        "rate_limited",
+        "quota_exceeded",
+        "release_paused",
+        "verification_required",
+        "invalid_key",
+        "other",
+    ]
+    hour = f"{at.astimezone(UTC):%Y-%m-%d %H}:00"
+    assert f"<title>rate_limited {hour}: 7</title>" in page
+    assert f"<title>other {hour}: 3</title>" in page  # key_revoked 2, request_too_large 1
+    assert f"<title>admitted {hour}: 1</title>" in page
+
+
+def test_refusals_rolled_up_before_reasons_were_kept_are_labelled(browser, release, vera):
+    # A row as migration 0005 leaves an older rollup: reason "", the whole bucket.
+    hour = timezone.now().astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    UsageRollup.objects.create(
+        bucket_seconds=3600,
+        bucket_start=hour - timedelta(hours=3),
+        release="atlas-2",
+        stage="research_preview",
+        tier="research_partner",
+        org="northwind-research",
+        requests=12,
+        allowed=9,
+        denied=3,
+    )
+    browser.force_login(vera)
+    page = browser.get(PAGE).content.decode()
+
+    assert _legend(page, "Admitted vs refused by reason, the last 7d") == [
+        "admitted",
+        "reason not recorded",
+    ]
 
 
 @pytest.mark.parametrize(
