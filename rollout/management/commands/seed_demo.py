@@ -123,7 +123,10 @@ class Command(BaseCommand):
         created = []
         for username, role in DEMO_USERS:
             password = self._user(username, role)
-            Group.objects.get(name=role).user_set.add(User.objects.get(username=username))
+            # get_or_create: the role groups come from a migration, but a flushed database
+            # (a test run's, or one emptied by hand) has none.
+            group, _ = Group.objects.get_or_create(name=role)
+            group.user_set.add(User.objects.get(username=username))
             created.append((username, password, role.replace("_", " ")))
         return created
 
