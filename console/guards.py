@@ -67,6 +67,12 @@ def console_page(view: Callable) -> Callable:
     return guarded
 
 
+def console_action(view: Callable) -> Callable:
+    """A POST-only action for anyone with a role; which organization it touches, and
+    whether the user may, is the view's question (an org admin's own organizations)."""
+    return console_page(require_POST(view))
+
+
 def staff_page(view: Callable) -> Callable:
     """A page for staff of any role (rollout admin, reviewer, viewer)."""
 

@@ -16,24 +16,20 @@ with ``Cache-Control: no-store``; no page renders it again.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from datetime import timedelta
-from functools import wraps
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
-from django.views.decorators.http import require_POST
 
 from access import keys, organizations, verifications
 from access.models import ApiKey, Membership, Organization, Verification
 from console.charts import sparkline
-from console.guards import console_page, has_console_access, rollout_admin_action
+from console.guards import console_action, console_page, rollout_admin_action
 from console.org_forms import (
     KeyCreateForm,
     KeyRevokeForm,
@@ -58,21 +54,6 @@ ORGS_PER_PAGE = 25
 KEYS_PER_PAGE = 50
 PUBLIC_ID = re.compile(r"[a-z]{1,8}_[0-9A-Za-z]{1,40}")
 NOT_YOURS = "Reviewers and viewers read organizations and keys but change nothing."
-
-
-def manager_action(view: Callable) -> Callable:
-    """A POST-only action of a rollout admin or an org admin; which organization it
-    touches, and whether they may, is the view's question (``_managed``)."""
-
-    @login_required
-    @require_POST
-    @wraps(view)
-    def guarded(request, *args, **kwargs):
-        if not has_console_access(request.user):
-            raise PermissionDenied("Your account has no role in Stagegate yet.")
-        return view(request, *args, **kwargs)
-
-    return guarded
 
 
 def _checked_id(public_id: str) -> str:
@@ -235,7 +216,7 @@ def key_new(request, slug: str):
 # --- key actions -----------------------------------------------------------------------------
 
 
-@manager_action
+@console_action
 def key_rotate(request, public_id: str):
     api_key = _visible_key(request, public_id)
     _managed(request, api_key.organization)
@@ -254,7 +235,7 @@ def key_rotate(request, public_id: str):
     return _secret_page(request, issued, rotated=issued.api_key.rotated_from)
 
 
-@manager_action
+@console_action
 def key_revoke(request, public_id: str):
     api_key = _visible_key(request, public_id)
     _managed(request, api_key.organization)
@@ -269,7 +250,7 @@ def key_revoke(request, public_id: str):
 # --- members ---------------------------------------------------------------------------------
 
 
-@manager_action
+@console_action
 def member_add(request, slug: str):
     organization = _visible_org(request, slug)
     _managed(request, organization)
@@ -290,7 +271,7 @@ def member_add(request, slug: str):
     return redirect("console:org", slug=organization.slug)
 
 
-@manager_action
+@console_action
 def member_remove(request, slug: str, public_id: str):
     organization = _visible_org(request, slug)
     _managed(request, organization)
