@@ -4,6 +4,8 @@ changes nothing. Django's CharField already refuses NUL characters."""
 
 from __future__ import annotations
 
+import secrets
+
 from django import forms
 from django.conf import settings
 from django.utils import timezone
@@ -52,6 +54,9 @@ class MemberForm(forms.Form):
 
 
 class KeyCreateForm(forms.Form):
+    # One token per form shown: a second POST of the same form (a reload of the page that
+    # showed the secret) issues no second key (console.views.orgs.key_new).
+    once = forms.CharField(widget=forms.HiddenInput, max_length=64)
     name = forms.CharField(max_length=100, help_text="What the key is for, e.g. batch-jobs.")
     expires_at = forms.DateTimeField(
         label="Expires at (UTC)",
@@ -60,6 +65,10 @@ class KeyCreateForm(forms.Form):
         validators=[_future],
         help_text="Leave empty for a key that does not expire.",
     )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["once"].initial = secrets.token_urlsafe(16)
 
 
 class KeyRotateForm(forms.Form):

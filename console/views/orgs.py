@@ -50,6 +50,7 @@ from console.org_selectors import (
 )
 from stagegate.roles import is_rollout_admin
 
+SENT_KEY_FORMS = "console_sent_key_forms"  # session: the last 50 key forms sent
 ORGS_PER_PAGE = 25
 KEYS_PER_PAGE = 50
 PUBLIC_ID = re.compile(r"[a-z]{1,8}_[0-9A-Za-z]{1,40}")
@@ -204,6 +205,15 @@ def key_new(request, slug: str):
         return render(
             request, "console/key_new.html", {"org": organization, "form": form}, status=400
         )
+    sent = request.session.get(SENT_KEY_FORMS, [])
+    if form.cleaned_data["once"] in sent:  # the same form again: a reload, a double click
+        messages.error(
+            request,
+            "That form was already sent: its key exists and its secret was shown once, so no"
+            " second key was made. Revoke the key if its secret was lost.",
+        )
+        return redirect("console:org", slug=organization.slug)
+    request.session[SENT_KEY_FORMS] = [*sent[-49:], form.cleaned_data["once"]]
     issued = keys.issue_key(
         organization=organization,
         name=form.cleaned_data["name"],

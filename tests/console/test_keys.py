@@ -50,7 +50,11 @@ def signed_in(browser, user):
 
 
 def create(browser, slug="northwind-research", **data):
-    return browser.post(f"/console/orgs/{slug}/keys/new/", {"name": "ci-runner", **data})
+    """Fill in the form as the page serves it (its one-time token included) and send it."""
+    form = browser.get(f"/console/orgs/{slug}/keys/new/").content.decode()
+    once = re.search(r'name="once" value="([^"]+)"', form)
+    fields = {"once": once.group(1) if once else "", "name": "ci-runner", **data}
+    return browser.post(f"/console/orgs/{slug}/keys/new/", fields)
 
 
 def raw_keys(answer) -> list[bytes]:
@@ -153,6 +157,19 @@ def test_created_key_is_shown_once_and_works(browser, cast, who):
         again = browser.get(url)
         assert (url, again.status_code, raw_keys(again)) == (url, 200, [])
         assert raw.encode() not in again.content
+
+
+def test_sending_the_same_key_form_twice_issues_one_key(browser, cast):
+    signed_in(browser, cast["oscar"])
+    form = browser.get("/console/orgs/northwind-research/keys/new/").content.decode()
+    once = re.search(r'name="once" value="([^"]+)"', form).group(1)
+    fields = {"once": once, "name": "reloaded"}
+    first = browser.post("/console/orgs/northwind-research/keys/new/", fields)
+    assert len(raw_keys(first)) == 1
+    again = browser.post("/console/orgs/northwind-research/keys/new/", fields, follow=True)
+    assert raw_keys(again) == []
+    assert "no second key was made" in again.content.decode()
+    assert ApiKey.objects.filter(name="reloaded").count() == 1
 
 
 def test_created_key_with_an_expiry_expires(browser, cast):
