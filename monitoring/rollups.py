@@ -60,7 +60,9 @@ ADVISORY_LOCK_KEY = int.from_bytes(b"sgrollup", "big")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _GROUP = ("release", "stage", "tier", "org", "reason")
-_COUNTERS = (
+# The counters a reader sums over rollup rows (reviews, charts, the usage page), and
+# the ones a rollup row stores: those and the latency sum.
+COUNTERS = (
     "requests",
     "allowed",
     "denied",
@@ -68,9 +70,8 @@ _COUNTERS = (
     "flagged",
     "prompt_tokens",
     "completion_tokens",
-    "latency_ms_sum",
 )
-_TOTALS = _COUNTERS[:-1]  # a review needs no latency
+_COUNTERS = (*COUNTERS, "latency_ms_sum")
 
 
 @dataclass(frozen=True)
@@ -357,10 +358,10 @@ def rolled_up_to() -> datetime | None:
 
 def _totals(rows: QuerySet, since: datetime, until: datetime, fresh: datetime | None) -> Totals:
     """Fold rows grouped by (k_tier, k_org) with n_<counter> sums into a ``Totals``."""
-    sums = dict.fromkeys(_TOTALS, 0)
+    sums = dict.fromkeys(COUNTERS, 0)
     orgs: dict[str, set[str]] = {}
     for row in rows:
-        for name in _TOTALS:
+        for name in COUNTERS:
             sums[name] += int(row[f"n_{name}"] or 0)
         if row["n_allowed"] and row["k_org"]:
             orgs.setdefault(row["k_tier"], set()).add(row["k_org"])
@@ -378,7 +379,7 @@ def _rollup_totals(release: str, stage: str, where: Q, since: datetime, until: d
         UsageRollup.objects.filter(where, release=release, stage=stage)
         .order_by()
         .values(k_tier=F("tier"), k_org=F("org"))
-        .annotate(**_rollup_sums(_TOTALS))
+        .annotate(**_rollup_sums(COUNTERS))
     )
     return _totals(rows, since, until, rolled_up_to())
 
@@ -394,27 +395,26 @@ def _bounds(since: datetime, until: datetime) -> tuple[datetime, datetime]:
     return since, until
 
 
+def covering(since: datetime, until: datetime) -> Q:
+    """The rollup rows that count [since, until) (both whole minutes) exactly once:
+    hour rows for the whole hours inside it, minute rows for the partial hours at its
+    edges."""
+    first_hour, end_hour = _ceil(since, HOUR), _floor(until, HOUR)
+    if first_hour >= end_hour:
+        return _minutes(since, until)
+    hours = Q(
+        bucket_seconds=UsageRollup.HOUR, bucket_start__gte=first_hour, bucket_start__lt=end_hour
+    )
+    return hours | _minutes(since, first_hour) | _minutes(end_hour, until)
+
+
 def stage_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:
     """Usage of ``release`` in ``stage`` over [since, until), both rounded down to the
-    minute, from the rollups: hour rows for the whole hours inside the period, minute
-    rows for the partial hours at its edges, summed in the database by (tier, org).
+    minute, from the rollups (``covering``), summed in the database by (tier, org).
     Two queries; the cost grows with the span and the number of orgs, not the traffic.
     Events after ``Totals.rolled_up_to`` may not be counted yet."""
     since, until = _bounds(since, until)
-    first_hour, end_hour = _ceil(since, HOUR), _floor(until, HOUR)
-    if first_hour < end_hour:
-        where = (
-            Q(
-                bucket_seconds=UsageRollup.HOUR,
-                bucket_start__gte=first_hour,
-                bucket_start__lt=end_hour,
-            )
-            | _minutes(since, first_hour)
-            | _minutes(end_hour, until)
-        )
-    else:
-        where = _minutes(since, until)
-    return _rollup_totals(release, stage, where, since, until)
+    return _rollup_totals(release, stage, covering(since, until), since, until)
 
 
 def window_totals(

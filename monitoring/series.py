@@ -18,19 +18,11 @@ from datetime import UTC, datetime, timedelta
 from django.db.models import Sum
 
 from monitoring.models import UsageRollup
+from monitoring.rollups import COUNTERS
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-COUNTERS = (
-    "requests",
-    "allowed",
-    "denied",
-    "errors",
-    "flagged",
-    "prompt_tokens",
-    "completion_tokens",
-)
 
 
 @dataclass(frozen=True)

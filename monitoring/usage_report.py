@@ -22,11 +22,11 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from django.db.models import F, Q, Sum
+from django.db.models import F, Sum
 from django.db.models.functions import TruncDay, TruncHour
 
 from monitoring.models import UsageRollup
-from monitoring.rollups import HOUR, MINUTE, _ceil, _floor, rolled_up_to
+from monitoring.rollups import HOUR, MINUTE, _floor, covering, rolled_up_to
 
 DAY = timedelta(days=1)
 GROUPINGS = ("tier", "org")
@@ -78,22 +78,6 @@ class UsageReport:
     groups: list[tuple[str, UsageFigures]]  # by requests, most first, then by key
     total: UsageFigures
     rolled_up_to: datetime | None
-
-
-def covering(since: datetime, until: datetime) -> Q:
-    """The rollup rows that count [since, until) exactly once (both already whole
-    minutes): hour rows for the whole hours, minute rows for the partial hours."""
-    first_hour, end_hour = _ceil(since, HOUR), _floor(until, HOUR)
-
-    def minutes(start: datetime, end: datetime) -> Q:
-        return Q(bucket_seconds=UsageRollup.MINUTE, bucket_start__gte=start, bucket_start__lt=end)
-
-    if first_hour >= end_hour:
-        return minutes(since, until)
-    hours = Q(
-        bucket_seconds=UsageRollup.HOUR, bucket_start__gte=first_hour, bucket_start__lt=end_hour
-    )
-    return hours | minutes(since, first_hour) | minutes(end_hour, until)
 
 
 def chart_step(since: datetime, until: datetime) -> timedelta:
