@@ -14,7 +14,15 @@ What is measured
   creates northwind-research (research_partner, valid monitoring_agreement) and
   issues it a key. Two subprocesses, each on a free port, then serve:
 
-    upstream   python -m stagegate.demo_upstream (latency 0: it answers at once)
+    upstream   python -m stagegate.demo_upstream (latency 0: it answers at once), or
+               with --upstream nginx: Debian's nginx (one worker) answering a fixed
+               chat completion at /v1/chat/completions and a fixed SSE stream (16
+               content chunks, a usage chunk, [DONE]) at /stream/v1/chat/completions,
+               from a config this script writes to the run's temporary directory.
+               nginx cannot branch on the body's "stream", so before the stream runs
+               the plan is applied again with its base_url on /stream/v1, and the run
+               waits until the proxy's snapshot has it. The upstream then costs a few
+               µs a request, so the proxy's own cost is what the load measures
     proxy      python -m stagegate.serve (uvicorn + uvloop + httptools)
 
   One closed-loop load generator in this process (aiohttp on uvloop; C workers,
@@ -42,7 +50,7 @@ How to read the output
                during the timed phase, per request. The run waits until the
                proxy has written its usage rows (about once a second) before
                reading the clock, so each request's row is counted in its run
-  upst us/req  the same for the demo upstream (a like-for-like uvicorn app)
+  upst us/req  the same for the upstream (the demo: a like-for-like uvicorn app; or nginx)
   via/direct   Stagegate's req/s as a ratio to the upstream's own
   +p50, +p99   latency added by going through Stagegate, in ms
 
@@ -57,6 +65,7 @@ How to read the output
 
 Usage: python bench/proxy.py [--quick] [--requests 6000] [--stream-requests 3000]
                              [--concurrency 1,10,50] [--redis] [--workers N]
+                             [--upstream demo|nginx]
                              [--production [--postgres postgres://postgres@127.0.0.1:5432]]
 """
 
@@ -244,6 +253,125 @@ def start_upstream(log_dir: str) -> tuple[Server, str]:
     return server, base
 
 
+NGINX = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+
+
+def fixed_completion() -> bytes:
+    """What the demo upstream answers, fixed: one chat completion with usage."""
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": UPSTREAM_MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "A quiet river bends " * 4},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 2, "completion_tokens": MAX_TOKENS, "total_tokens": 18},
+        }
+    )
+
+
+def fixed_stream() -> bytes:
+    """A fixed SSE answer: a role chunk, MAX_TOKENS content chunks, a stop, usage, [DONE]."""
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+        document = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": UPSTREAM_MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            document["choices"] = []
+            document["usage"] = usage
+        return b"data: " + orjson.dumps(document) + b"\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": " river"}) for _ in range(MAX_TOKENS)]
+    events.append(chunk({}, "stop"))
+    events.append(
+        chunk({}, usage={"prompt_tokens": 2, "completion_tokens": MAX_TOKENS, "total_tokens": 18})
+    )
+    return b"".join(events) + DONE
+
+
+NGINX_UPSTREAM_CONF = """\
+worker_processes 1;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v1/models {{
+            default_type application/json;
+            return 200 '{{"object":"list","data":[]}}';
+        }}
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 '{completion}';
+        }}
+        location = /stream/v1/chat/completions {{
+            default_type text/event-stream;
+            return 200 '{stream}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_command(conf_dir: Path) -> list[str]:
+    """nginx in the foreground on ``conf_dir/nginx.conf``, its pid file and errors there too."""
+    if NGINX is None:
+        raise SystemExit("nginx is not installed (apt-get install nginx-light)")
+    return [
+        NGINX,
+        "-e",
+        "stderr",
+        "-p",
+        f"{conf_dir}/",
+        "-c",
+        str(conf_dir / "nginx.conf"),
+        "-g",
+        f"daemon off; pid {conf_dir}/nginx.pid;",
+    ]
+
+
+def start_nginx_upstream(log_dir: str) -> tuple[Server, str]:
+    """nginx answering fixed bodies (see the module docstring); its base URL."""
+    conf_dir = Path(log_dir) / "nginx-upstream"
+    conf_dir.mkdir()
+    conf_dir.chmod(0o755)  # a root master runs its worker as nobody
+    port = free_port()
+
+    def quoted(body: bytes) -> str:  # inside nginx's single quotes
+        return body.decode().replace("\\", "\\\\").replace("'", "\\'")
+
+    (conf_dir / "nginx.conf").write_text(
+        NGINX_UPSTREAM_CONF.format(
+            dir=conf_dir,
+            port=port,
+            completion=quoted(fixed_completion()),
+            stream=quoted(fixed_stream()),
+        )
+    )
+    server = Server("nginx-upstream", nginx_command(conf_dir), log_dir)
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: http_status(f"{base}/v1/models") == 200, 15)
+    return server, base
+
+
 def start_proxy(log_dir: str, workers: int) -> tuple[Server, str]:
     port = free_port()
     server = Server(
@@ -300,6 +428,7 @@ class Target:
     model: str
     headers: dict[str, str]
     server: Server  # whose CPU is charged to this target
+    stream_url: str | None = None  # where stream requests go, if not to url
 
 
 @contextlib.asynccontextmanager
@@ -322,7 +451,8 @@ async def client(target: Target, concurrency: int) -> AsyncIterator[dict[str, Re
 
     async def stream() -> Outcome:
         try:
-            async with session.post(target.url, data=stream_body, headers=headers) as response:
+            url = target.stream_url or target.url
+            async with session.post(url, data=stream_body, headers=headers) as response:
                 head, tail = b"", b""
                 async for chunk in response.content.iter_any():
                     head = head or chunk  # an error answer is one JSON body
@@ -457,10 +587,34 @@ def print_ratios(runs: list[Run]) -> None:
         )
 
 
-async def run_load(args: argparse.Namespace, targets: list[Target], servers: Servers) -> list[Run]:
+async def stream_from_nginx(upstream_base: str, proxy: Target) -> int:
+    """Point the plan at nginx's SSE location and wait until the proxy streams from it;
+    how many calls that took (each writes a usage row)."""
+    from rollout.plans import apply_plan
+
+    plan = bench_plan(f"{upstream_base}/stream/v1")
+    # A thread: Django refuses synchronous queries inside an event loop.
+    await asyncio.to_thread(apply_plan, plan, actor=ACTOR, comment="bench/proxy.py: SSE")
+    calls = 0
+    async with client(proxy, 1) as requests:
+        deadline = time.monotonic() + 30
+        while True:
+            calls += 1
+            if await requests["stream"]() is True:
+                return calls
+            if time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not pick up the plan's SSE upstream in 30 s")
+            await asyncio.sleep(0.1)
+
+
+async def run_load(
+    args: argparse.Namespace, targets: list[Target], servers: Servers, upstream_base: str
+) -> list[Run]:
     runs = []
     counts = {"plain": args.requests, "stream": args.stream_requests}
     for mode, n in counts.items():
+        if mode == "stream" and args.upstream == "nginx":
+            servers.proxy_calls += await stream_from_nginx(upstream_base, targets[1])
         for concurrency in args.concurrency:
             # Direct and through Stagegate back to back, so both see the same machine state.
             for target in targets:
@@ -585,6 +739,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="proxy workers (>1 needs Redis)")
     parser.add_argument(
+        "--upstream",
+        choices=("demo", "nginx"),
+        default="demo",
+        help="what answers the model calls: the demo upstream, or nginx with fixed answers",
+    )
+    parser.add_argument(
         "--production",
         action="store_true",
         help="production mode: a throwaway PostgreSQL database and Redis limits;"
@@ -617,13 +777,14 @@ def print_header(args: argparse.Namespace, limits: str) -> None:
         f" {uvloop.__version__}, aiohttp {aiohttp.__version__} | os.cpu_count() = {os.cpu_count()}"
     )
     print(
-        f"NOTE: the load generator, the proxy ({args.workers} worker(s)) and the demo upstream"
+        f"NOTE: the load generator, the proxy ({args.workers} worker(s)) and the upstream"
         f" share these {os.cpu_count()} CPUs: via/direct understates throughput and +p50/+p99"
         " include waiting for a core; proxy us/req is the least disturbed overhead figure."
     )
     print(
         f"limits: {limits} | requests per run: plain {args.requests}, stream"
         f" {args.stream_requests}, warm-up {args.warmup} | body: chat, max_tokens {MAX_TOKENS}"
+        f" | upstream: {args.upstream}"
     )
 
 
@@ -659,13 +820,21 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
         mode = "production (PostgreSQL)" if database_url else "embedded (SQLite)"
         print_header(args, f"{limits} | mode: {mode}")
 
-        upstream, upstream_base = start_upstream(var_dir)
+        start = start_nginx_upstream if args.upstream == "nginx" else start_upstream
+        upstream, upstream_base = start(var_dir)
         servers.append(upstream)
         raw_key = seed(f"{upstream_base}/v1")
         proxy, proxy_base = start_proxy(var_dir, args.workers)
         servers.append(proxy)
         targets = [
-            Target("direct", f"{upstream_base}/v1/chat/completions", UPSTREAM_MODEL, {}, upstream),
+            Target(
+                "direct",
+                f"{upstream_base}/v1/chat/completions",
+                UPSTREAM_MODEL,
+                {},
+                upstream,
+                f"{upstream_base}/stream/v1/chat/completions" if args.upstream == "nginx" else None,
+            ),
             Target(
                 "stagegate",
                 f"{proxy_base}/v1/chat/completions",
@@ -675,7 +844,7 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
             ),
         ]
         print(f"ready in {time.perf_counter() - started:.1f} s; running:", flush=True)
-        runs = uvloop.run(run_load(args, targets, Servers(proxy, upstream)))
+        runs = uvloop.run(run_load(args, targets, Servers(proxy, upstream), upstream_base))
         for server in reversed(servers):
             server.stop(15)  # uvicorn shuts down; usage is flushed
         print()
