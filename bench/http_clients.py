@@ -1,4 +1,4 @@
-"""Upstream HTTP client for the inference proxy: httpx.AsyncClient vs aiohttp.ClientSession.
+"""Upstream HTTP client for the inference proxy: aiohttp.ClientSession vs httpx and pyreqwest.
 
 What is measured
   The proxy makes one call per request to an upstream model server through one
@@ -11,6 +11,10 @@ What is measured
             (20 SSE "data: {...}" events and "data: [DONE]", each sent by the
             upstream as its own ASGI body message, i.e. its own HTTP chunk)
 
+  The clients: aiohttp (the proxy's, the baseline), httpx.AsyncClient and, when it is
+  installed (pip install -e ".[bench]"), pyreqwest's async Client (Rust reqwest on its
+  own tokio threads, awaited from the event loop).
+
   Each (client, mode, concurrency) gets a fresh client whose pool holds as many
   keep-alive connections as there are concurrent workers, a warm-up, then N timed
   requests issued by `concurrency` workers sharing one counter.
@@ -20,7 +24,8 @@ How to read the output
             share the machine, so this is a system figure)
   p50, p99  per-request latency in ms, from send to last body byte
   x aio     req/s as a ratio to aiohttp's in the same mode and concurrency
-  cpu us    CPU time of this (client) process per request, i.e. what the proxy
+  cpu us    CPU time of this (client) process per request (every thread: pyreqwest's
+            tokio threads included), i.e. what the proxy
             itself would pay per upstream call, harness overhead included
   cpu x     cpu us as a ratio to aiohttp's (above 1 = costs more CPU than aiohttp)
   chunks    mean body chunks the client handed back per response
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.cookiejar
+import importlib.util
 import json
 import os
 import platform
@@ -267,7 +273,48 @@ async def httpx_client(url: str, concurrency: int) -> AsyncIterator[dict[str, Re
         await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def pyreqwest_client(url: str, concurrency: int) -> AsyncIterator[dict[str, RequestFn]]:
+    from datetime import timedelta
+
+    from pyreqwest.client import ClientBuilder
+
+    client = (
+        ClientBuilder()
+        .max_connections(concurrency)
+        .pool_max_idle_per_host(concurrency)
+        .pool_idle_timeout(timedelta(seconds=30))
+        .connect_timeout(timedelta(seconds=5))
+        .read_timeout(timedelta(seconds=30))
+        .http1_only()
+        .build()
+    )
+
+    async def plain() -> tuple[int, int]:
+        request = client.post(url).headers(HEADERS).body_bytes(PLAIN_REQUEST).build()
+        resp = await request.send()
+        check_status(resp.status)
+        return len(await resp.bytes()), 1
+
+    async def stream() -> tuple[int, int]:
+        request = client.post(url).headers(HEADERS).body_bytes(STREAM_REQUEST).build_streamed()
+        async with request as resp:
+            check_status(resp.status)
+            size = chunks = 0
+            while (chunk := await resp.body_reader.read_chunk()) is not None:
+                size += len(chunk)
+                chunks += 1
+            return size, chunks
+
+    try:
+        yield {"plain": plain, "stream": stream}
+    finally:
+        await client.close()
+
+
 CLIENTS = {"aiohttp": aiohttp_client, "httpx": httpx_client}
+if importlib.util.find_spec("pyreqwest") is not None:  # the bench extra
+    CLIENTS["pyreqwest"] = pyreqwest_client
 EXPECTED_BYTES = {"plain": len(COMPLETION), "stream": STREAM_BYTES}
 
 # --------------------------------------------------------------------------- load
@@ -307,7 +354,7 @@ async def measure(client: str, url: str, mode: str, concurrency: int, n: int, wa
 # --------------------------------------------------------------------------- report
 
 COLUMNS = (
-    f"{'client':<9}{'mode':<8}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+    f"{'client':<10}{'mode':<8}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
     f"{'x aio':>7}{'cpu us':>8}{'cpu x':>7}{'chunks':>8}"
 )
 
@@ -315,7 +362,7 @@ COLUMNS = (
 def row(result: Result, baseline: Result) -> str:
     load = result.load
     return (
-        f"{result.client:<9}{result.mode:<8}{result.concurrency:>5}{load.rps:>9,.0f}"
+        f"{result.client:<10}{result.mode:<8}{result.concurrency:>5}{load.rps:>9,.0f}"
         f"{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}"
         f"{load.rps / baseline.load.rps:>7.2f}{result.cpu_us:>8.0f}"
         f"{result.cpu_us / baseline.cpu_us:>7.2f}{result.chunks / load.requests:>8.1f}"
