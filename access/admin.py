@@ -4,7 +4,7 @@ from django.contrib.auth.models import Group, User
 from django.db import transaction
 from django.utils import timezone
 
-from access import keys, tiers
+from access import keys, tier_changes
 from access.models import ApiKey, Membership, Organization, Verification, VerificationStatus
 from monitoring.admin_base import AuditedModelAdmin, ReadOnlyAdmin
 
@@ -40,7 +40,7 @@ class VerificationAdmin(AuditedModelAdmin):
 
     def _set_status(self, request, queryset, status):
         for verification in queryset:
-            tiers.set_verification_status(verification, status=status, actor=request.user)
+            tier_changes.set_verification_status(verification, status=status, actor=request.user)
         self.message_user(request, f"{queryset.count()} verification(s) now {status}.")
 
     @admin.action(description="Mark selected verifications valid")

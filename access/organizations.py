@@ -10,7 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from access.models import Membership, MembershipRole, Organization, validate_org_slug
-from access.tiers import tier_changes_audited
+from access.tier_changes import tier_changes_audited
 from monitoring import audit
 from monitoring.redaction import redact_secrets
 from stagegate.errors import Refused

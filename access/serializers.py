@@ -20,7 +20,7 @@ from access.models import (
     Verification,
     VerificationStatus,
 )
-from access.tiers import effective_tiers_by_release
+from access.tier_changes import effective_tiers_by_release
 from stagegate.api import ModelSerializer, Serializer, StrictCharField
 
 KEY_STATUSES = ("active", "revoked", "expired")

@@ -7,7 +7,7 @@ from stagegate.celery import RETRIED, app
 
 @app.task(name="stagegate.expire_verifications", **RETRIED)
 def expire_verifications() -> dict:
-    """Mark verifications past their expiry as expired, audited (access.tiers)."""
-    from access.tiers import expire_verifications as expire
+    """Mark verifications past their expiry as expired, audited (access.tier_changes)."""
+    from access.tier_changes import expire_verifications as expire
 
     return {"expired": expire()}

@@ -1,6 +1,6 @@
 """Recording verifications and the status changes people make to them.
 
-Every status change itself goes through ``access.tiers.set_verification_status``,
+Every status change itself goes through ``access.tier_changes.set_verification_status``,
 which audits it and the effective-tier changes it causes; this module adds the
 creation of a verification and the rules for which changes a person may make.
 """
@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from access.models import Organization, Verification, VerificationStatus
-from access.tiers import set_verification_status, tier_changes_audited
+from access.tier_changes import set_verification_status, tier_changes_audited
 from monitoring import audit
 
 

@@ -3,7 +3,11 @@ invariants that must hold for any org, tier, evidence and stage of the example p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -580,3 +584,23 @@ def test_decide_invariants_hold_for_any_org_and_stage(
         assert decision.visible is False
     else:
         assert decision.visible is True
+
+
+def test_decision_engine_imports_without_django():
+    # The engine is pure so it can be replayed and fuzzed outside the service: importing it
+    # in a fresh interpreter, with no settings, must load no Django module at all.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    code = (
+        "import sys, access.decisions, access.tiers; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'django'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

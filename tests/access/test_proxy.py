@@ -20,7 +20,7 @@ from django.db import connection, transaction
 
 from access.keys import issue_key, revoke_key
 from access.models import ApiKey, Organization, Verification
-from access.tiers import set_verification_status
+from access.tier_changes import set_verification_status
 from monitoring import audit
 from monitoring.models import UsageEvent
 from rollout.models import Release

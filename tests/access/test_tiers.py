@@ -6,12 +6,12 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from access.models import Verification, VerificationStatus
-from access.tiers import (
-    effective_tier,
+from access.tier_changes import (
     effective_tiers_by_release,
     expire_verifications,
     set_verification_status,
 )
+from access.tiers import effective_tier
 from monitoring.models import AuditEvent
 from rollout.plans import plan_doc
 from tests.factories import make_org

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from access.keys import authenticate_key
 from access.models import ApiKey, Organization
-from access.tiers import effective_tiers_by_release
+from access.tier_changes import effective_tiers_by_release
 from monitoring.models import UsageEvent, UsageRollup
 from rollout.management.commands.seed_demo import DEMO_ORGS, org_admin_username
 from rollout.models import Release, Review, StageTransition

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from access.tiers import expire_verifications
+from access.tier_changes import expire_verifications
 
 
 class Command(BaseCommand):
