@@ -1,4 +1,4 @@
-"""ASGI serving: a raw ASGI app vs Django's handler, on uvicorn's fast and pure-Python stacks.
+"""Serving: a raw ASGI app vs Django's handler, on uvicorn's stacks and granian's; the proxy too.
 
 What is measured
   The proxy's routes are a raw ASGI app on uvicorn + uvloop + httptools, outside
@@ -14,6 +14,21 @@ What is measured
                   ASGI handler with the project's settings and its full MIDDLEWARE
                   (the urlconf is this module's one route), uvicorn uvloop + httptools
     django-sync   the same with `def ping(request)`: Django runs the view in a thread
+    granian-asgi  the raw ASGI function on granian (Rust HTTP, one worker, uvloop), when
+                  granian is installed (pip install -e ".[bench]")
+    granian-rsgi  the same endpoint as an RSGI function (granian's own interface:
+                  protocol.response_bytes, no ASGI message dicts), granian, uvloop
+
+  Then, unless --no-proxy, the proxy's real path: Stagegate itself (stagegate.asgi,
+  lifespan on: snapshot, usage writer) set up as bench/proxy.py does (embedded, the
+  example plan, a key) in front of nginx answering a fixed chat completion
+  (bench/proxy.py --upstream nginx), POST /v1/chat/completions through:
+
+    proxy-uvicorn        python -m stagegate.serve (uvicorn + uvloop + httptools)
+    proxy-granian-asgi   granian, interface asgi, one worker, uvloop, lifespan on
+
+  The proxy is an ASGI app, so RSGI cannot serve it without an adapter in access/;
+  the ping rows say what RSGI would save over granian's ASGI.
 
   One closed-loop load generator in this process (aiohttp on uvloop, one keep-alive
   connection per worker, as bench/http_clients.py) runs, per concurrency, each server
@@ -30,7 +45,8 @@ How to read the output
   srv us/req  CPU time (utime + stime from /proc, all threads) of the server process
               during the timed phase, per request: what serving one ping costs.
               1e6 / (srv us/req) is about what one fully busy worker could serve
-  x raw       req/s as a ratio to raw's at the same concurrency, same run
+  x raw       req/s as a ratio to raw's at the same concurrency, same run (in the
+              proxy table: to proxy-uvicorn's)
   cpu x raw   srv us/req as a ratio to raw's (above 1 = costs more CPU per request)
 
   The load generator and the server share this machine's cores (the header says how
@@ -39,13 +55,14 @@ How to read the output
   depend on the machine; compare the ratios across machines.
 
 Usage: python bench/servers.py [--quick] [--requests 10000] [--seconds 6]
-                               [--concurrency 1,20] [--warmup 300]
+                               [--concurrency 1,20] [--warmup 300] [--no-proxy]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -64,10 +81,10 @@ from loadgen import (
     Load,
     Server,
     client_session,
-    cpu_seconds,
     drive,
     free_port,
     http_status,
+    tree_cpu_seconds,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,12 +148,31 @@ def django_app(view: Callable):
     return get_asgi_application()
 
 
+async def rsgi_app(scope, protocol) -> None:
+    """The same endpoint as raw_app through granian's RSGI interface."""
+    if scope.proto != "http":
+        return
+    if scope.method == "GET" and scope.path == PATH:
+        body = json.dumps(PING).encode()
+        status = 200
+    else:
+        body = b'{"error":"not found"}'
+        status = 404
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    protocol.response_bytes(status, headers, body)
+
+
 @dataclass(frozen=True)
 class Kind:
     label: str
     loop: str
     http: str
     app: Callable[[], Callable]
+    granian: str | None = None  # granian's interface (asgi, rsgi); None: uvicorn
+    target: str = ""  # granian imports its app by name, from this directory
+
+
+GRANIAN = importlib.util.find_spec("granian") is not None
 
 
 KINDS = {
@@ -155,13 +191,40 @@ KINDS = {
         lambda: django_app(ping_sync),
     ),
 }
+if GRANIAN:  # the bench extra
+    KINDS["granian-asgi"] = Kind(
+        "raw ASGI app, granian, uvloop", "uvloop", "granian", lambda: raw_app, "asgi", "raw_app"
+    )
+    KINDS["granian-rsgi"] = Kind(
+        "RSGI app, granian, uvloop", "uvloop", "granian", lambda: rsgi_app, "rsgi", "rsgi_app"
+    )
 BASELINE = "raw"
+
+
+def serve_granian(target: str, interface: str, port: int, working_dir: Path) -> None:
+    from granian import Granian
+
+    Granian(
+        target,
+        address="127.0.0.1",
+        port=port,
+        interface=interface,
+        workers=1,
+        loop="uvloop",
+        log_level="warning",
+        log_access=False,
+        working_dir=working_dir,
+    ).serve()
 
 
 def serve(kind: str, port: int) -> None:
     import uvicorn
 
     config = KINDS[kind]
+    if config.granian is not None:
+        bench = Path(__file__).resolve().parent
+        serve_granian(f"servers:{config.target}", config.granian, port, bench)
+        return
     uvicorn.run(
         config.app(),
         host="127.0.0.1",
@@ -259,9 +322,10 @@ async def measure(server: PingServer, concurrency: int, args: argparse.Namespace
     async with client(server.url, concurrency) as ping:
         warm = max(args.warmup, 2 * concurrency)
         warm_up = await drive(ping, warm, concurrency, args.seconds / 2)
-        cpu = cpu_seconds(server.pid)
+        # The tree: granian serves from a worker process under its own.
+        cpu = tree_cpu_seconds(server.pid)
         load = await drive(ping, args.requests, concurrency, args.seconds)
-        cpu = cpu_seconds(server.pid) - cpu
+        cpu = tree_cpu_seconds(server.pid) - cpu
     errors = warm_up.results.count(False) + load.results.count(False)
     return Run(server.name, concurrency, load, errors, cpu)
 
@@ -269,7 +333,7 @@ async def measure(server: PingServer, concurrency: int, args: argparse.Namespace
 # --------------------------------------------------------------------------- report
 
 COLUMNS = (
-    f"{'server':<14}{'conc':>5}{'requests':>9}{'errors':>7}{'req/s':>9}{'p50 ms':>9}"
+    f"{'server':<20}{'conc':>5}{'requests':>9}{'errors':>7}{'req/s':>9}{'p50 ms':>9}"
     f"{'p99 ms':>9}{'srv us/req':>12}{'x raw':>7}{'cpu x raw':>11}"
 )
 
@@ -277,7 +341,7 @@ COLUMNS = (
 def row(run: Run, baseline: Run) -> str:
     load = run.load
     return (
-        f"{run.kind:<14}{run.concurrency:>5}{load.requests:>9}{run.errors:>7}{load.rps:>9,.0f}"
+        f"{run.kind:<20}{run.concurrency:>5}{load.requests:>9}{run.errors:>7}{load.rps:>9,.0f}"
         f"{load.percentile_ms(50):>9.2f}{load.percentile_ms(99):>9.2f}{run.server_us:>12,.0f}"
         f"{load.rps / baseline.load.rps:>7.2f}{run.server_us / baseline.server_us:>11.2f}"
     )
@@ -310,6 +374,102 @@ def print_header(args: argparse.Namespace, sync_only: list[str]) -> None:
     )
 
 
+# --------------------------------------------------------------------------- the proxy
+
+
+class ProxyServer(Server):
+    """Stagegate's real app, under uvicorn (stagegate.serve) or granian (--serve-proxy)."""
+
+    def __init__(self, kind: str, log_dir: str) -> None:
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/v1/chat/completions"
+        if kind == "proxy-uvicorn":
+            args = [sys.executable, "-m", "stagegate.serve", "--port", str(port)]
+        else:
+            args = [sys.executable, str(Path(__file__).resolve()), "--serve-proxy", str(port)]
+        super().__init__(kind, args, log_dir)
+
+    def answers(self) -> bool:
+        return http_status(f"{self.base}/healthz") == 200
+
+
+PROXY_BASELINE = "proxy-uvicorn"
+
+
+@contextlib.asynccontextmanager
+async def chat_client(url: str, concurrency: int, raw_key: str) -> AsyncIterator[RequestFn]:
+    """POST the bench chat request (bench/proxy.py's) with the key; True on a whole 200."""
+    import proxy as proxy_bench
+
+    session = client_session(concurrency)
+    headers = {
+        "content-type": "application/json",
+        "accept-encoding": "identity",
+        "authorization": f"Bearer {raw_key}",
+    }
+    body = proxy_bench.request_body(proxy_bench.RELEASE, stream=False)
+
+    async def chat() -> bool:
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                answer = await response.read()
+                return response.status == 200 and answer.startswith(b"{")
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    try:
+        yield chat
+    finally:
+        await session.close()
+
+
+async def measure_proxy(
+    server: ProxyServer, concurrency: int, args: argparse.Namespace, raw_key: str
+) -> Run:
+    async with chat_client(server.url, concurrency, raw_key) as chat:
+        warm_up = await drive(chat, max(args.warmup, 2 * concurrency), concurrency, args.seconds)
+        cpu = tree_cpu_seconds(server.pid)
+        load = await drive(chat, args.requests, concurrency, args.seconds)
+        cpu = tree_cpu_seconds(server.pid) - cpu
+    errors = warm_up.results.count(False) + load.results.count(False)
+    return Run(server.name, concurrency, load, errors, cpu)
+
+
+def proxy_path(args: argparse.Namespace, var_dir: str) -> None:
+    """The proxy's real path under uvicorn and granian (see the module docstring)."""
+    import proxy as proxy_bench
+
+    proxy_bench.configure(var_dir, None)
+    import django
+
+    django.setup()
+    servers: list[Server] = []
+    try:
+        upstream, upstream_base = proxy_bench.start_nginx_upstream(var_dir)
+        servers.append(upstream)
+        raw_key = proxy_bench.seed(f"{upstream_base}/v1")
+        kinds = [PROXY_BASELINE] + (["proxy-granian-asgi"] if GRANIAN else [])
+        proxies = [ProxyServer(kind, var_dir) for kind in kinds]
+        servers.extend(proxies)
+        for server in proxies:
+            server.wait_ready(server.answers, 60)
+
+        async def run() -> None:
+            print()
+            print("the proxy's real path, POST /v1/chat/completions, nginx upstream:")
+            print(COLUMNS)
+            for concurrency in args.concurrency:
+                runs = [await measure_proxy(s, concurrency, args, raw_key) for s in proxies]
+                for run in runs:
+                    print(row(run, runs[0]), flush=True)
+
+        uvloop.run(run())
+    finally:
+        for server in reversed(servers):
+            server.stop(15)
+
+
 async def run_load(args: argparse.Namespace, servers: list[PingServer]) -> None:
     print(COLUMNS)
     for concurrency in args.concurrency:
@@ -335,7 +495,9 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated levels (default 1,20)",
     )
     parser.add_argument("--warmup", type=int, help="untimed requests per run (300)")
+    parser.add_argument("--no-proxy", action="store_true", help="skip the proxy's real path")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.requests = args.requests or (1000 if args.quick else 10000)
     args.seconds = args.seconds or (2.0 if args.quick else 6.0)
@@ -349,6 +511,9 @@ def main() -> None:
         kind, port = args.serve
         serve(kind, int(port))
         return
+    if args.serve_proxy is not None:
+        serve_granian("stagegate.asgi:application", "asgi", args.serve_proxy, ROOT)
+        return
     started = time.perf_counter()
     var_dir = tempfile.mkdtemp(prefix="stagegate-bench-servers-")
     servers: list[PingServer] = []
@@ -360,9 +525,13 @@ def main() -> None:
             server.wait_ready(server.answers, 30)
         print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
         uvloop.run(run_load(args, servers))
-    finally:
         for server in servers:
             server.stop()
+        if not args.no_proxy:
+            proxy_path(args, var_dir)
+    finally:
+        for server in servers:
+            server.stop()  # a no-op once stopped
         shutil.rmtree(var_dir, ignore_errors=True)
     print(f"total {time.perf_counter() - started:.1f} s")
 
