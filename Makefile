@@ -51,10 +51,13 @@ clean:
 
 ## Benchmarks print figures (see docs/performance.md); they never fail a build.
 bench: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"  # granian, pyreqwest: measured only
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/http_clients.py
 	$(BIN)/python bench/servers.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/proxy.py --upstream nginx
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/deadlines.py
 	$(BIN)/python bench/reviews.py
 	$(BIN)/python bench/console.py
