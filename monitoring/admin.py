@@ -36,6 +36,7 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         "tier",
         "org",
         "reason",
+        "key",
         "requests",
         "allowed",
         "denied",
@@ -43,7 +44,7 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         "flagged",
     )
     list_filter = ("bucket_seconds", "release", "stage", "tier", "reason")
-    search_fields = ("org",)
+    search_fields = ("org", "key")
     readonly_fields = [f.name for f in UsageRollup._meta.fields]
 
 

@@ -67,8 +67,8 @@ class UsageEvent(models.Model):
 
 
 class UsageRollup(models.Model):
-    """Usage events of one (release, stage, tier, org, reason) summed over one minute or
-    one hour.
+    """Usage events of one (release, stage, tier, org, reason, key) summed over one
+    minute or one hour.
 
     Stage reviews and tripwires read these rows, never the raw events, so what a review
     costs depends on its time span and the number of orgs, not on the traffic. Minute
@@ -86,6 +86,11 @@ class UsageRollup(models.Model):
     it: no reader may assume one row per (bucket, release, stage, tier, org). Rows
     written before the column existed hold ``""`` (the whole bucket, all reasons)
     until a rollup of their range replaces them.
+
+    ``key`` is the event's API key (its public id, ``""`` for a call without a valid
+    key), so the console can draw each key's usage; readers that do not show keys sum
+    over it too. Rows written before the column existed hold ``""`` (every key of the
+    bucket) until a rollup of their range replaces them.
     """
 
     MINUTE = 60
@@ -100,6 +105,12 @@ class UsageRollup(models.Model):
     org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
     reason = models.CharField(
         max_length=32, blank=True, default="", help_text="Decision reason code, ok if allowed."
+    )
+    key = models.CharField(
+        max_length=24,
+        blank=True,
+        default="",
+        help_text="API key public id, blank without a valid key.",
     )
     requests = models.PositiveBigIntegerField(default=0)
     allowed = models.PositiveBigIntegerField(default=0)
@@ -123,8 +134,9 @@ class UsageRollup(models.Model):
                     "tier",
                     "org",
                     "reason",
+                    "key",
                 ],
-                name="usage_rollup_bucket_reason_key",
+                name="usage_rollup_bucket_reason_key_key",
             ),
         ]
         # The review's read: one release and stage, hour rows over the whole hours of
@@ -139,7 +151,7 @@ class UsageRollup(models.Model):
     def __str__(self) -> str:
         return (
             f"{self.bucket_start:%Y-%m-%d %H:%M} +{self.bucket_seconds}s {self.release}"
-            f" {self.stage} {self.tier} {self.org} {self.reason}: {self.requests}"
+            f" {self.stage} {self.tier} {self.org} {self.reason} {self.key}: {self.requests}"
         )
 
 

@@ -1,12 +1,13 @@
 """Usage rollups: stage reviews and tripwires read small aggregates, never raw events.
 
-``UsageRollup`` holds one row per (bucket, release, stage, tier, org, reason) for
-minute and hour buckets, ``reason`` being the decision's reason code (``ok`` when
-allowed). Minute rows are computed from ``UsageEvent`` rows, hour rows from minute
-rows. Every write is a *replacing* upsert (``INSERT ... SELECT ... GROUP BY ... ON
-CONFLICT DO UPDATE SET col = EXCLUDED.col``): a bucket is recomputed from the truth
-and overwritten, never incremented, so running a rollup twice, or re-running one a
-crash interrupted, gives the same rows. The bucketing SELECT is built with the ORM
+``UsageRollup`` holds one row per (bucket, release, stage, tier, org, reason, key)
+for minute and hour buckets, ``reason`` being the decision's reason code (``ok`` when
+allowed) and ``key`` the API key's public id ("" without a valid key). Minute rows
+are computed from ``UsageEvent`` rows, hour rows from minute rows. Every write is a
+*replacing* upsert (``INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE SET
+col = EXCLUDED.col``): a bucket is recomputed from the truth and overwritten, never
+incremented, so running a rollup twice, or re-running one a crash interrupted, gives
+the same rows. The bucketing SELECT is built with the ORM
 (``TruncMinute``, ``Count``/``Sum`` with ``filter=``), so the same code runs on
 PostgreSQL and SQLite (3.24+ for upsert).
 
@@ -21,8 +22,8 @@ provided the job runs more often than ``lateness``.
 Reads: ``stage_totals`` (a review's period: hour rows for the whole hours, minute
 rows at both edges) and ``window_totals`` (a tripwire's last minutes). Both count
 events in whole minutes: bounds are rounded down to the minute, and both sum over
-reasons (as every reader must: a bucket has one row per reason). ``raw_totals``
-computes the same figures from the raw events, for tests and benchmarks.
+reasons and keys (as every reader must: a bucket has one row per reason and key).
+``raw_totals`` computes the same figures from the raw events, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ CURSOR_NAME = "usage"
 ADVISORY_LOCK_KEY = int.from_bytes(b"sgrollup", "big")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_GROUP = ("release", "stage", "tier", "org", "reason")
+_GROUP = ("release", "stage", "tier", "org", "reason", "key")
 # The counters a reader sums over rollup rows (reviews, charts, the usage page), and
 # the ones a rollup row stores: those and the latency sum.
 COUNTERS = (

@@ -1,9 +1,9 @@
 """Usage rollups: totals from rollups equal totals from the raw events (random data,
 partial hours, minute edges, tripwire windows), rollups replace rather than add (twice,
 chunked, after an interrupted run, after events are gone, over rows written before
-they were keyed by reason), each bucket keeps its refusals per reason, the cursor
-picks up late events, and the counting rules for denied, errored and flagged
-requests."""
+they were keyed by reason or by key), each bucket keeps its refusals per reason and its
+requests per API key, the cursor picks up late events, and the counting rules for
+denied, errored and flagged requests."""
 
 from __future__ import annotations
 
@@ -39,10 +39,23 @@ ORGS = (  # (org public id, tier); one blank org, as a refusal before the key is
     ("org_publicdev", "public"),
     ("", ""),
 )
-KEY_COLUMNS = ("bucket_seconds", "bucket_start", "release", "stage", "tier", "org", "reason")
+KEY_COLUMNS = (
+    "bucket_seconds",
+    "bucket_start",
+    "release",
+    "stage",
+    "tier",
+    "org",
+    "reason",
+    "key",
+)
+COUNTED = len(KEY_COLUMNS)  # where the counters start in a ROW_COLUMNS row
 # Refusal reasons of the random events, taken in turn (not from the random stream, so
 # the other draws stay as they were).
 REFUSALS = ("tier_not_admitted", "rate_limited", "rate_limited", "quota_exceeded")
+# API keys of the random events' organizations, in turn likewise: two keys, and a call
+# without a valid key (a refusal before the key is known, recorded with its org).
+KEY_SUFFIXES = ("_a", "_b", "_a", None)
 ROW_COLUMNS = (
     *KEY_COLUMNS,
     "requests",
@@ -65,6 +78,7 @@ def _event(
     tier: str = "research_partner",
     decision: str = "allow",
     reason: str = "",
+    key: str | None = "key_0123456789abcdef",
     error: str = "",
     flagged: bool = False,
     prompt_tokens: int = 10,
@@ -76,7 +90,7 @@ def _event(
         "created_at": at.timestamp(),
         "request_id": f"req_{at.timestamp():.6f}",
         "org": org,
-        "key": "key_0123456789abcdef" if org else "",
+        "key": key if org and key else "",
         "tier": tier,
         "release": release,
         "stage": stage,
@@ -111,6 +125,7 @@ def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[tuple]:
                 edge = edge.replace(minute=0)
             at = edge - timedelta(microseconds=rng.choice((0, 1)))
         org, tier = rng.choice(ORGS)
+        suffix = KEY_SUFFIXES[len(events) % len(KEY_SUFFIXES)]
         allowed = rng.random() < 0.85
         events.append(
             _event(
@@ -121,6 +136,7 @@ def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[tuple]:
                 tier=tier,
                 decision="allow" if allowed else "deny",
                 reason="ok" if allowed else REFUSALS[len(events) % len(REFUSALS)],
+                key=f"key{org[3:]}{suffix}" if suffix else None,
                 error="upstream_error" if rng.random() < 0.1 else "",
                 flagged=rng.random() < 0.1,
                 prompt_tokens=rng.randint(0, 500) if allowed else 0,
@@ -417,12 +433,12 @@ def test_hour_rows_equal_the_sum_of_their_minutes(db):
     minutes: dict[tuple, list[int]] = {}
     for row in UsageRollup.objects.filter(bucket_seconds=60).values_list(*ROW_COLUMNS):
         hour = row[1].replace(minute=0)
-        sums = minutes.setdefault((hour, *row[2:7]), [0] * 8)
-        for i, value in enumerate(row[7:]):
+        sums = minutes.setdefault((hour, *row[2:COUNTED]), [0] * 8)
+        for i, value in enumerate(row[COUNTED:]):
             sums[i] += value
 
     hours = {
-        row[1:7]: list(row[7:])
+        row[1:COUNTED]: list(row[COUNTED:])
         for row in UsageRollup.objects.filter(bucket_seconds=3600).values_list(*ROW_COLUMNS)
     }
 
@@ -493,12 +509,14 @@ def test_rollup_replaces_rows_from_before_reasons_without_double_counting(db):
     merged: dict[tuple, list] = {}
     for row in UsageRollup.objects.values_list(*ROW_COLUMNS):
         sums = merged.setdefault(row[:6], [0] * 8)
-        for i, value in enumerate(row[7:]):
+        for i, value in enumerate(row[COUNTED:]):
             sums[i] += value
     UsageRollup.objects.all().delete()
     UsageRollup.objects.bulk_create(
-        UsageRollup(**dict(zip((*KEY_COLUMNS, *ROW_COLUMNS[7:]), (*key, "", *sums), strict=True)))
-        for key, sums in merged.items()
+        UsageRollup(
+            **dict(zip(ROW_COLUMNS, (*group, "", "", *sums), strict=True))  # reason, key ""
+        )
+        for group, sums in merged.items()
     )
     assert set(UsageRollup.objects.values_list("reason", flat=True)) == {""}
     _assert_totals_match_raw()  # a legacy row is still its whole bucket
@@ -518,6 +536,94 @@ def test_rollup_replaces_rows_from_before_reasons_without_double_counting(db):
         assert hour_rows.aggregate(n=Sum("requests")) == in_hour.aggregate(n=Sum("requests"))
 
     # The whole range: exactly the rows a first rollup writes.
+    rollup_window(BASE - timedelta(hours=2), END)
+    assert _rows() == fresh
+    _assert_totals_match_raw()
+
+
+def test_rollups_keep_requests_per_key_in_each_bucket(db):
+    first, second = BASE + timedelta(minutes=7), BASE + timedelta(minutes=31, seconds=30)
+    denied = {"decision": "deny", "reason": "rate_limited", "prompt_tokens": 0}
+    write_events(
+        [
+            _event(first, key="key_batch"),
+            _event(first + timedelta(seconds=30), key="key_batch"),
+            _event(first, key="key_ci"),
+            _event(first, key="key_ci", completion_tokens=0, **denied),
+            _event(first, key=None, decision="deny", reason="key_invalid", prompt_tokens=0),
+            _event(second, key="key_batch"),
+            _event(second, key="key_ci", org="org_acme", tier="verified_commercial"),
+        ]
+    )
+    rollup_pending(now=END)
+
+    rows = UsageRollup.objects.order_by("bucket_seconds", "bucket_start", "org", "key", "reason")
+    assert list(
+        rows.values_list("bucket_seconds", "bucket_start", "org", "key", "reason", "requests")
+    ) == [
+        (60, first, "org_northwind", "", "key_invalid", 1),
+        (60, first, "org_northwind", "key_batch", "ok", 2),
+        (60, first, "org_northwind", "key_ci", "ok", 1),
+        (60, first, "org_northwind", "key_ci", "rate_limited", 1),
+        (60, second.replace(second=0), "org_acme", "key_ci", "ok", 1),
+        (60, second.replace(second=0), "org_northwind", "key_batch", "ok", 1),
+        (3600, BASE, "org_acme", "key_ci", "ok", 1),
+        (3600, BASE, "org_northwind", "", "key_invalid", 1),
+        (3600, BASE, "org_northwind", "key_batch", "ok", 3),
+        (3600, BASE, "org_northwind", "key_ci", "ok", 1),
+        (3600, BASE, "org_northwind", "key_ci", "rate_limited", 1),
+    ]
+    batch = UsageRollup.objects.get(bucket_seconds=3600, key="key_batch")
+    assert (batch.allowed, batch.prompt_tokens, batch.completion_tokens) == (3, 30, 60)
+    # Readers that do not show keys sum over them: the totals are the raw ones.
+    period = {"release": "atlas-2", "stage": "research_preview", "since": BASE, "until": END}
+    totals = stage_totals(**period)
+    assert (totals.requests, totals.allowed, totals.denied) == (7, 5, 2)
+    assert totals.orgs_by_tier == {
+        "research_partner": frozenset({"org_northwind"}),
+        "verified_commercial": frozenset({"org_acme"}),
+    }
+    assert totals == raw_totals(**period)
+
+
+def test_random_events_spread_over_keys_keep_totals_equal_to_raw(db):
+    write_events(_random_events(2000))
+    rollup_pending(now=END)
+    keys = set(UsageRollup.objects.values_list("key", flat=True))
+    assert {"", "key_northwind_a", "key_northwind_b", "key_acme_a"} <= keys
+    _assert_totals_match_raw()
+
+
+def test_rollup_replaces_rows_from_before_keys_without_double_counting(db):
+    # Rows as migration 0006 leaves them: key "" holding every key of the bucket (and
+    # reason kept). Keyless events exist too, so some "" rows are overwritten, not gone.
+    write_events(_random_events(1500))
+    rollup_pending(now=END)
+    fresh = _rows()
+    merged: dict[tuple, list] = {}
+    for row in UsageRollup.objects.values_list(*ROW_COLUMNS):
+        sums = merged.setdefault(row[: COUNTED - 1], [0] * 8)
+        for i, value in enumerate(row[COUNTED:]):
+            sums[i] += value
+    UsageRollup.objects.all().delete()
+    UsageRollup.objects.bulk_create(
+        UsageRollup(**dict(zip(ROW_COLUMNS, (*group, "", *sums), strict=True)))
+        for group, sums in merged.items()
+    )
+    assert set(UsageRollup.objects.values_list("key", flat=True)) == {""}
+    _assert_totals_match_raw()  # a legacy row is still its whole bucket
+
+    since, until = BASE + timedelta(hours=1, minutes=20), BASE + timedelta(hours=2, minutes=10)
+    rollup_window(since, until)
+    _assert_totals_match_raw()
+    minutes = UsageRollup.objects.filter(bucket_seconds=60)
+    touched = minutes.filter(bucket_start__gte=since, bucket_start__lt=until)
+    assert touched.exclude(key="").exists()
+    for hour in (BASE + timedelta(hours=1), BASE + timedelta(hours=2)):
+        in_hour = minutes.filter(bucket_start__gte=hour, bucket_start__lt=hour + timedelta(hours=1))
+        hour_rows = UsageRollup.objects.filter(bucket_seconds=3600, bucket_start=hour)
+        assert hour_rows.aggregate(n=Sum("requests")) == in_hour.aggregate(n=Sum("requests"))
+
     rollup_window(BASE - timedelta(hours=2), END)
     assert _rows() == fresh
     _assert_totals_match_raw()
