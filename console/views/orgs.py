@@ -16,7 +16,8 @@ with ``Cache-Control: no-store``; no page renders it again.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
@@ -40,7 +41,9 @@ from console.org_forms import (
 )
 from console.org_selectors import (
     USAGE_DAYS,
+    KeyRow,
     key_rows,
+    key_usage,
     managed_org_ids,
     may_manage,
     org_summaries,
@@ -88,8 +91,9 @@ def _org_page(request, organization: Organization, *, status: int = 200, **forms
     user = request.user
     now = timezone.now()
     summary = org_summaries([organization], user=user, now=now)[0]
-    org_keys = key_rows(
-        visible_keys(user).filter(organization=organization)[:KEYS_PER_PAGE], now=now
+    org_keys = _with_usage(
+        key_rows(visible_keys(user).filter(organization=organization)[:KEYS_PER_PAGE], now=now),
+        now=now,
     )
     context = {
         "summary": summary,
@@ -117,15 +121,12 @@ def keys_list(request):
     now = timezone.now()
     user = request.user
     page = Paginator(visible_keys(user), KEYS_PER_PAGE).get_page(request.GET.get("page"))
-    rows = key_rows(page.object_list, now=now)
-    usage = org_usage({row.key.organization.public_id for row in rows}, now=now)
+    rows = _with_usage(key_rows(page.object_list, now=now), now=now)
     groups = []  # the page's keys by organization (they come ordered by its slug)
     for row in rows:
         organization = row.key.organization
         if not groups or groups[-1]["org"].pk != organization.pk:
-            groups.append(
-                {"org": organization, "usage_svg": _usage_svg(organization, usage), "rows": []}
-            )
+            groups.append({"org": organization, "rows": []})
         groups[-1]["rows"].append(row)
     managed = managed_org_ids(user)
     creatable = visible_orgs(user) if managed is None else visible_orgs(user).filter(pk__in=managed)
@@ -145,7 +146,7 @@ def keys_list(request):
 
 def _key_page(request, api_key: ApiKey, *, status: int = 200, **forms):
     now = timezone.now()
-    row = key_rows([api_key], now=now)[0]
+    row = _with_usage(key_rows([api_key], now=now), now=now)[0]
     organization = api_key.organization
     return render(
         request,
@@ -154,7 +155,6 @@ def _key_page(request, api_key: ApiKey, *, status: int = 200, **forms):
             "row": row,
             "api_key": api_key,
             "org": organization,
-            "usage_svg": _usage_svg(organization, org_usage([organization.public_id], now=now)),
             "usage_days": USAGE_DAYS,
             "manageable": may_manage(managed_org_ids(request.user), organization.pk),
             "rotate_form": forms.get("rotate_form") or KeyRotateForm(),
@@ -169,6 +169,22 @@ def _usage_svg(organization: Organization, usage: dict[str, list[float]]) -> str
         usage.get(organization.public_id, []),
         title=f"{organization.slug}: requests per hour over {USAGE_DAYS} days, all keys",
     )
+
+
+def _with_usage(rows: list[KeyRow], *, now: datetime) -> list[KeyRow]:
+    """``rows`` with each key's sparkline, from one query (``key_usage``)."""
+    usage = key_usage([row.key.public_id for row in rows], now=now)
+    return [
+        replace(
+            row,
+            usage_svg=sparkline(
+                usage.get(row.key.public_id, []),
+                title=f"{row.key.name} ({row.key.prefix}…): requests per hour over"
+                f" {USAGE_DAYS} days",
+            ),
+        )
+        for row in rows
+    ]
 
 
 def _visible_key(request, public_id: str) -> ApiKey:

@@ -1,6 +1,6 @@
 """The key pages: who sees and manages which keys, the secret shown exactly once and
 never cached, rotation with a grace period, revocation the proxy's check refuses, the
-organization's usage sparkline from the rollups, and hostile input."""
+each key's usage sparkline from the rollups, and hostile input."""
 
 from __future__ import annotations
 
@@ -299,36 +299,69 @@ def test_revoke_needs_a_reason(browser, cast, northwind_key, reason):
 # --- usage sparkline -------------------------------------------------------------------------
 
 
-def test_key_page_shows_the_organizations_usage_labelled_as_such(
-    browser, cast, northwind, northwind_key
-):
+def _hour_rows(org, key: str, requests_by_hours_back: dict[int, int], reason="ok") -> None:
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
-    for back, requests in ((1, 40), (30, 7)):
+    for back, requests in requests_by_hours_back.items():
         UsageRollup.objects.create(
             bucket_seconds=UsageRollup.HOUR,
             bucket_start=hour - timedelta(hours=back),
             release="atlas-2",
             stage="research_preview",
             tier="research_partner",
-            org=northwind.public_id,
+            org=org.public_id,
+            reason=reason,
+            key=key,
             requests=requests,
         )
-    UsageRollup.objects.create(  # older than 7 days: not drawn
-        bucket_seconds=UsageRollup.HOUR,
-        bucket_start=hour - timedelta(days=8),
+
+
+def test_each_key_has_its_own_sparkline_on_the_keys_key_and_org_pages(
+    browser, cast, ada, northwind, northwind_key
+):
+    busy = northwind_key.api_key
+    idle = issue_key(organization=northwind, name="idle-<b>key</b>", actor=ada).api_key
+    _hour_rows(northwind, busy.public_id, {1: 40, 30: 7})
+    _hour_rows(northwind, busy.public_id, {30: 3}, reason="rate_limited")  # same hour
+    _hour_rows(northwind, busy.public_id, {24 * 8: 1000})  # older than 7 days: not drawn
+    _hour_rows(northwind, "", {2: 500})  # calls without a valid key: no key's
+    UsageRollup.objects.create(  # minute rows are not read (the hour row holds them)
+        bucket_seconds=UsageRollup.MINUTE,
+        bucket_start=timezone.now().replace(second=0, microsecond=0) - timedelta(hours=3),
         org=northwind.public_id,
-        requests=1000,
+        key=busy.public_id,
+        requests=900,
+    )
+    busy_title = (
+        f"<title>research-batch ({busy.prefix}…): requests per hour over 7 days:"
+        " 50 in all, peak 40</title>"
+    )
+    idle_title = (
+        f"<title>idle-&lt;b&gt;key&lt;/b&gt; ({idle.prefix}…): requests per hour over 7 days:"
+        " no traffic</title>"
     )
     signed_in(browser, cast["vera"])
-    page = browser.get(f"/console/keys/{northwind_key.api_key.public_id}/").content.decode()
-    assert (
-        "<title>northwind-research: requests per hour over 7 days, all keys: 47 in all,"
-        " peak 40</title>" in page
-    )
-    assert "usage is recorded per organization, not per key" in page
-    listing = browser.get("/console/keys/").content.decode()
-    assert "47 in all" in listing
-    assert "organization's requests" in listing
+    key_page = browser.get(f"/console/keys/{busy.public_id}/").content.decode()
+    assert busy_title in key_page
+    assert "this key's requests per hour" in key_page
+    assert "all keys" not in key_page
+    assert idle_title in browser.get(f"/console/keys/{idle.public_id}/").content.decode()
+    for url in ("/console/keys/", "/console/orgs/northwind-research/"):
+        page = browser.get(url).content.decode()
+        assert busy_title in page, url
+        assert idle_title in page, url
+        assert "<b>key</b>" not in page
+    org_page = browser.get("/console/orgs/northwind-research/").content.decode()
+    # The organization's own line stays on its page, keyless calls included: 550.
+    assert "northwind-research: requests per hour over 7 days, all keys: 550 in all" in org_page
+
+
+def test_a_key_sparkline_shows_only_that_keys_traffic(browser, cast, northwind, acme, acme_key):
+    _hour_rows(northwind, "key_someoneelse00", {1: 11})
+    _hour_rows(acme, acme_key.api_key.public_id, {5: 2})
+    signed_in(browser, cast["olga"])
+    page = browser.get("/console/keys/").content.decode()
+    assert "acme-prod" in page and "2 in all, peak 2" in page
+    assert "11 in all" not in page
 
 
 # --- bounded queries -------------------------------------------------------------------------
@@ -354,3 +387,26 @@ def test_keys_page_queries_do_not_grow_with_keys(
     _keys(20, 2, ada)
     with django_assert_num_queries(len(small.captured_queries)):
         browser.get("/console/keys/")
+
+
+def test_key_and_org_pages_queries_do_not_grow_with_keys(
+    browser, cast, ada, northwind, northwind_key, django_assert_num_queries
+):
+    signed_in(browser, cast["oscar"])
+    key_url = f"/console/keys/{northwind_key.api_key.public_id}/"
+    for n in range(2):
+        issue_key(organization=northwind, name=f"few-{n}", actor=ada)
+    browser.get("/console/orgs/northwind-research/")
+    counts = {}
+    for url in ("/console/orgs/northwind-research/", key_url):
+        with CaptureQueriesContext(connection) as small:
+            assert browser.get(url).status_code == 200
+        counts[url] = len(small.captured_queries)
+    for n in range(20):
+        key = issue_key(organization=northwind, name=f"many-{n}", actor=ada).api_key
+        _hour_rows(northwind, key.public_id, {n: n + 1})
+    for url, count in counts.items():
+        with django_assert_num_queries(count):
+            answer = browser.get(url)
+        assert answer.status_code == 200
+    assert answer.content.count(b'class="sparkline"') == 1  # the key page: its key only
