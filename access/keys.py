@@ -121,7 +121,7 @@ def issue_key(
         audit.record(
             "key.issued",
             actor=actor,
-            object_type="api_key",
+            object_type=audit.ObjectType.API_KEY,
             object_id=api_key.public_id,
             data=_key_audit_data(api_key),
         )
@@ -143,7 +143,7 @@ def revoke_key(*, api_key: ApiKey, actor, reason: str = "") -> ApiKey:
         audit.record(
             "key.revoked",
             actor=actor,
-            object_type="api_key",
+            object_type=audit.ObjectType.API_KEY,
             object_id=api_key.public_id,
             data={**_key_audit_data(api_key), "reason": api_key.revoked_reason},
         )
@@ -178,7 +178,7 @@ def rotate_key(*, api_key: ApiKey, actor, grace: timedelta) -> IssuedKey:
         audit.record(
             "key.rotated",
             actor=actor,
-            object_type="api_key",
+            object_type=audit.ObjectType.API_KEY,
             object_id=old.public_id,
             data={**_key_audit_data(old), "successor": new.api_key.public_id},
         )

@@ -40,7 +40,7 @@ def create_organization(*, slug: str, name: str, tier: str, actor) -> Organizati
         audit.record(
             "org.created",
             actor=actor,
-            object_type="organization",
+            object_type=audit.ObjectType.ORGANIZATION,
             object_id=organization.public_id,
             data={"slug": slug, "name": name, "tier": tier},
         )
@@ -86,7 +86,7 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
             audit.record(
                 "org.updated",
                 actor=actor,
-                object_type="organization",
+                object_type=audit.ObjectType.ORGANIZATION,
                 object_id=organization.public_id,
                 data={"slug": organization.slug, "changes": changed},
             )
@@ -135,7 +135,7 @@ def add_member(
             audit.record(
                 "membership.added",
                 actor=actor,
-                object_type="membership",
+                object_type=audit.ObjectType.MEMBERSHIP,
                 object_id=membership.public_id,
                 data={
                     "organization": organization.public_id,
@@ -157,7 +157,7 @@ def remove_member(membership: Membership, *, actor) -> None:
         audit.record(
             "membership.removed",
             actor=actor,
-            object_type="membership",
+            object_type=audit.ObjectType.MEMBERSHIP,
             object_id=membership.public_id,
             data={
                 "organization": membership.organization.public_id,

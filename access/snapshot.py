@@ -32,6 +32,7 @@ from django.db import close_old_connections, connection
 
 from access.decisions import KeyEntry, OrgEntry, ReleaseEntry
 from access.models import ApiKey, Organization, Verification, VerificationStatus
+from monitoring.audit import ObjectType
 from monitoring.models import AuditEvent
 from rollout.models import Release, ReleaseState
 from rollout.plans import plan_doc
@@ -178,13 +179,18 @@ def load_snapshot() -> Snapshot:
     )
 
 
-# What each kind of audited object means for the snapshot. ``object_type`` is set by
-# the services (api_key, organization, ...) and by the admin (the model's name).
-KEY_OBJECTS = frozenset({"api_key", "apikey"})
-ORG_OBJECTS = frozenset({"organization"})
-VERIFICATION_OBJECTS = frozenset({"verification"})
-RELEASE_OBJECTS = frozenset({"release", "rolloutplan", "stagetransition"})
-NOT_DECIDED_FROM = frozenset({"user", "group", "membership", "review", "approval", "incident"})
+# What each kind of audited object means for the snapshot (``ObjectType.parse`` also
+# reads the spellings older rows hold). Rows about anything else change no decision.
+NOT_DECIDED_FROM = frozenset(
+    {
+        ObjectType.USER,
+        ObjectType.GROUP,
+        ObjectType.MEMBERSHIP,
+        ObjectType.REVIEW,
+        ObjectType.APPROVAL,
+        ObjectType.INCIDENT,
+    }
+)
 MAX_INCREMENTAL_ROWS = 1000
 
 
@@ -208,17 +214,18 @@ def update_snapshot(snapshot: Snapshot) -> Snapshot | None:
     orgs: set[str] = set()
     verifications: set[str] = set()
     releases = False
-    for _seq, _prev, _hash, object_type, object_id, _at in rows:
-        if object_type in KEY_OBJECTS:
+    for _seq, _prev, _hash, stored_type, object_id, _at in rows:
+        object_type = ObjectType.parse(stored_type)
+        if object_type is ObjectType.API_KEY:
             keys.add(object_id)
-        elif object_type in ORG_OBJECTS:
+        elif object_type is ObjectType.ORGANIZATION:
             orgs.add(object_id)
-        elif object_type in VERIFICATION_OBJECTS:
+        elif object_type is ObjectType.VERIFICATION:
             verifications.add(object_id)
-        elif object_type in RELEASE_OBJECTS:
+        elif object_type is ObjectType.RELEASE:
             releases = True
         elif object_type not in NOT_DECIDED_FROM:
-            return None  # something new: be safe
+            return None  # something new (or None, unknown): be safe
     if verifications:
         orgs |= set(
             Verification.objects.filter(public_id__in=verifications).values_list(

@@ -46,7 +46,7 @@ def audit_tier_changes(
         audit.record(
             "org.tier_downgraded" if new_tier == Tier.PUBLIC else "org.tier_restored",
             actor=actor,
-            object_type="organization",
+            object_type=audit.ObjectType.ORGANIZATION,
             object_id=organization.public_id,
             data={"release": release_name, "from": old_tier, "to": new_tier, "cause": cause},
         )
@@ -91,7 +91,7 @@ def set_verification_status(
             audit.record(
                 f"verification.{status}",
                 actor=actor,
-                object_type="verification",
+                object_type=audit.ObjectType.VERIFICATION,
                 object_id=verification.public_id,
                 data={
                     "organization": organization.public_id,
@@ -126,7 +126,7 @@ def expire_verifications(*, now: datetime | None = None) -> int:
             audit.record(
                 "verification.expired",
                 actor="system:expire_verifications",
-                object_type="verification",
+                object_type=audit.ObjectType.VERIFICATION,
                 object_id=verification.public_id,
                 data={
                     "organization": organization.public_id,

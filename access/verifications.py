@@ -54,7 +54,7 @@ def create_verification(
             audit.record(
                 "verification.created",
                 actor=actor,
-                object_type="verification",
+                object_type=audit.ObjectType.VERIFICATION,
                 object_id=verification.public_id,
                 data={
                     "organization": organization.public_id,

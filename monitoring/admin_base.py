@@ -23,7 +23,7 @@ class AuditedModelAdmin(admin.ModelAdmin):
         audit.record(
             f"admin.{obj._meta.model_name}.{verb}",
             actor=request.user,
-            object_type=obj._meta.model_name,
+            object_type=audit.ObjectType.of_model(obj),
             object_id=_public_id(obj),
             data=data,
         )

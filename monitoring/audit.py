@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
+from enum import StrEnum
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -29,6 +30,46 @@ from monitoring.redaction import SECRET_PATTERN, redact_json, redact_secrets
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the audit chain's advisory lock in PostgreSQL.
 _ADVISORY_LOCK_ID = 0x5A6_A0D17
+
+
+class ObjectType(StrEnum):
+    """What an audit row is about: the contract between every writer of audit rows (the
+    services, and the admin by model name) and the proxy's snapshot, which reads these
+    rows to know what to load again (``access.snapshot``)."""
+
+    API_KEY = "api_key"
+    ORGANIZATION = "organization"
+    MEMBERSHIP = "membership"
+    VERIFICATION = "verification"
+    RELEASE = "release"
+    REVIEW = "review"
+    APPROVAL = "approval"
+    INCIDENT = "incident"
+    USER = "user"
+    GROUP = "group"
+
+    @classmethod
+    def of_model(cls, model) -> ObjectType:
+        """The type an admin change to ``model`` (a class or instance) is recorded as."""
+        name = model._meta.model_name
+        return LEGACY_OBJECT_TYPES.get(name) or cls(name)
+
+    @classmethod
+    def parse(cls, value: str) -> ObjectType | None:
+        """The type a stored row names, old spellings included; None if unknown."""
+        try:
+            return LEGACY_OBJECT_TYPES.get(value) or cls(value)
+        except ValueError:
+            return None
+
+
+# Spellings older rows hold (an earlier admin wrote the model's name): rows are never
+# rewritten, so readers map them. ``of_model`` maps the admin's model names the same way.
+LEGACY_OBJECT_TYPES = {
+    "apikey": ObjectType.API_KEY,
+    "rolloutplan": ObjectType.RELEASE,
+    "stagetransition": ObjectType.RELEASE,
+}
 
 
 class SecretInAuditData(ValueError):
@@ -72,7 +113,7 @@ def record(
     action: str,
     *,
     actor: Any,
-    object_type: str,
+    object_type: ObjectType,
     object_id: str,
     data: dict[str, Any] | None = None,
 ) -> AuditEvent:
@@ -99,7 +140,7 @@ def record(
         created_at=timezone.now(),
         actor=actor,
         action=action,
-        object_type=object_type,
+        object_type=str(object_type),  # the value, never an enum member the driver adapts itself
         object_id=object_id,
         data=normalized,
         prev_hash=prev_hash,

@@ -27,7 +27,7 @@ def _audit(action: str, incident: Incident, actor, **data) -> None:
     audit.record(
         action,
         actor=actor,
-        object_type="incident",
+        object_type=audit.ObjectType.INCIDENT,
         object_id=incident.public_id,
         data={
             "release": incident.release.name,

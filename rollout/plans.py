@@ -136,7 +136,7 @@ def apply_plan(
         audit.record(
             "plan.applied",
             actor=actor,
-            object_type="release",
+            object_type=audit.ObjectType.RELEASE,
             object_id=release.public_id,
             data={
                 "release": release.name,
@@ -162,7 +162,7 @@ def apply_plan(
             audit.record(
                 "release.created",
                 actor=actor,
-                object_type="release",
+                object_type=audit.ObjectType.RELEASE,
                 object_id=release.public_id,
                 data={"release": release.name, "stage": release.current_stage},
             )

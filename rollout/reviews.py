@@ -244,7 +244,7 @@ def create_review(
         audit.record(
             "review.created",
             actor=requested_by or "system:reviews",
-            object_type="review",
+            object_type=audit.ObjectType.REVIEW,
             object_id=review.public_id,
             data={
                 "release": release.name,

@@ -112,7 +112,7 @@ def _transition(
     audit.record(
         f"release.{kind}",
         actor=actor,
-        object_type="release",
+        object_type=audit.ObjectType.RELEASE,
         object_id=release.public_id,
         data={
             "release": release.name,
@@ -224,7 +224,7 @@ def approve(review: Review, *, reviewer, verdict: str = Verdict.APPROVE, comment
         audit.record(
             f"review.{'approved' if verdict == Verdict.APPROVE else 'rejected'}",
             actor=reviewer,
-            object_type="approval",
+            object_type=audit.ObjectType.APPROVAL,
             object_id=approval.public_id,
             data={
                 "review": review.public_id,

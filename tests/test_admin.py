@@ -64,8 +64,30 @@ def test_admin_change_is_audited_with_changed_fields(admin_client, northwind):
     assert response.status_code == 302
     event = AuditEvent.objects.get(action="admin.organization.changed")
     assert (event.actor, event.object_id) == ("root", northwind.public_id)
+    assert event.object_type == "organization"  # what the snapshot reads, as the services write
     assert event.data == {"name": "Northwind Research Ltd", "tier": "verified_commercial"}
     assert Organization.objects.get(pk=northwind.pk).tier == "verified_commercial"
+
+
+def test_every_audited_admin_model_has_an_object_type():
+    # The admin records the changes it makes under the model's object type; a model
+    # without one would fail the save (a 500) instead of being audited.
+    from monitoring.admin_base import AuditedModelAdmin
+    from monitoring.audit import ObjectType
+
+    audited = [
+        model
+        for model, model_admin in admin.site._registry.items()
+        if isinstance(model_admin, AuditedModelAdmin)
+    ]
+    inlines = [inline.model for model in audited for inline in admin.site._registry[model].inlines]
+    assert {ObjectType.of_model(model) for model in audited + inlines} >= {
+        ObjectType.ORGANIZATION,
+        ObjectType.VERIFICATION,
+        ObjectType.RELEASE,
+        ObjectType.MEMBERSHIP,
+        ObjectType.USER,
+    }
 
 
 def test_admin_cannot_rename_an_org_slug(admin_client, northwind):

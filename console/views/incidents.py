@@ -16,6 +16,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 
 from console.guards import action, staff_page
+from monitoring.audit import ObjectType
 from monitoring.models import AuditEvent
 from rollout.incidents import (
     TITLE_MAX,
@@ -143,7 +144,9 @@ def incident_file(request):
 
 
 def _incident_page(request, incident: Incident, *, update_form=None, resolve_form=None):
-    history = AuditEvent.objects.filter(object_type="incident", object_id=incident.public_id)
+    history = AuditEvent.objects.filter(
+        object_type=ObjectType.INCIDENT, object_id=incident.public_id
+    )
     return render(
         request,
         "console/incident.html",

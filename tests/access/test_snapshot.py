@@ -14,7 +14,7 @@ from django.utils import timezone
 import access.snapshot
 from access.decisions import KeyEntry, OrgEntry, ReleaseEntry
 from access.keys import digest, issue_key, revoke_key
-from access.models import VerificationStatus
+from access.models import Organization, VerificationStatus
 from access.snapshot import SnapshotStore, load_snapshot, read_marker
 from monitoring.models import AuditEvent
 from rollout.models import Release, ReleaseState
@@ -355,3 +355,108 @@ def test_update_snapshot_loads_the_organization_of_a_new_key(release):
     updated = access.snapshot.update_snapshot(snapshot)
     assert updated.orgs[key.organization_id].slug == "imported-lab"
     assert _same(updated, load_snapshot())
+
+
+# --- the object types audit rows name ----------------------------------------------------
+
+
+def test_every_object_type_the_services_write_is_an_enum_member(ada):
+    from django.core.management import call_command
+
+    from access.keys import rotate_key
+    from access.organizations import add_member, update_organization
+    from access.tier_changes import expire_verifications
+    from access.verifications import revoke_verification
+    from monitoring.audit import ObjectType
+    from rollout.incidents import file_incident, resolve_incident
+    from rollout.reviews import create_review
+    from rollout.transitions import pause, resume
+
+    call_command("seed_demo")  # users, orgs, keys, a plan, and a history of reviews and stages
+    release = Release.objects.get()
+    org = Organization.objects.order_by("pk").first()
+    rotate_key(api_key=org.keys.first(), actor=ada, grace=timedelta(hours=1))
+    update_organization(org, actor=ada, name="Renamed Lab")
+    add_member(organization=org, username=ada.username, actor=ada)
+    later = timezone.now() + timedelta(days=30)
+    revoke_verification(make_verification(org, "monitoring_agreement", expires_at=later), actor=ada)
+    make_verification(org, "business_kyc", expires_at=timezone.now() - timedelta(days=1))
+    expire_verifications()
+    incident = file_incident(release, severity="low", title="odd outputs", actor=ada)
+    resolve_incident(incident, actor=ada, resolution="a bad prompt template")
+    pause(release, actor=ada, reason="checking the incident")
+    resume(release, actor=ada, reason="checked")
+    create_review(release, trigger="api", requested_by=ada)
+
+    written = set(AuditEvent.objects.values_list("object_type", flat=True))
+    assert written <= {member.value for member in ObjectType}
+    assert written >= {
+        ObjectType.API_KEY,
+        ObjectType.ORGANIZATION,
+        ObjectType.MEMBERSHIP,
+        ObjectType.VERIFICATION,
+        ObjectType.RELEASE,
+        ObjectType.INCIDENT,
+        ObjectType.USER,
+        ObjectType.REVIEW,
+    }
+
+
+def _change_silently(spelling: str, northwind, acme, release) -> str:
+    """Change what a row of this type names without an audit row of its own (as a row
+    an older version wrote would have), and return the object id the row names."""
+    from access.models import ApiKey, Organization, Verification
+    from monitoring.audit import ObjectType
+
+    object_type = ObjectType.parse(spelling)
+    if object_type is ObjectType.API_KEY:
+        key = ApiKey.objects.filter(organization=northwind).get()
+        ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
+        return key.public_id
+    if object_type is ObjectType.ORGANIZATION:
+        Organization.objects.filter(pk=acme.pk).update(tier="public")
+        return acme.public_id
+    if object_type is ObjectType.VERIFICATION:
+        verification = northwind.verifications.get()
+        Verification.objects.filter(pk=verification.pk).update(status=VerificationStatus.REVOKED)
+        return verification.public_id
+    if object_type is ObjectType.RELEASE:
+        Release.objects.filter(pk=release.pk).update(state=ReleaseState.PAUSED)
+        return release.public_id
+    return "obj_1"  # a kind no decision reads: nothing to change
+
+
+def _spellings() -> list[str]:
+    from monitoring.audit import LEGACY_OBJECT_TYPES, ObjectType
+
+    return [member.value for member in ObjectType] + sorted(LEGACY_OBJECT_TYPES)
+
+
+@pytest.mark.parametrize("spelling", _spellings())
+def test_update_snapshot_applies_a_row_of_every_object_type(spelling, release, northwind, acme):
+    from django.db import transaction
+
+    from monitoring import audit
+
+    issue_key(organization=northwind, name="a", actor=None)
+    snapshot = load_snapshot()
+    object_id = _change_silently(spelling, northwind, acme, release)
+    with transaction.atomic():
+        audit.record("test.changed", actor=None, object_type=spelling, object_id=object_id)
+
+    updated = access.snapshot.update_snapshot(snapshot)
+
+    assert updated is not None  # applied incrementally, not left to a full load
+    assert _same(updated, load_snapshot())
+    if audit.ObjectType.parse(spelling) in access.snapshot.NOT_DECIDED_FROM:
+        assert (updated.keys, updated.orgs, updated.releases) == (
+            snapshot.keys,
+            snapshot.orgs,
+            snapshot.releases,
+        )
+    else:  # the silent change is seen only because the row named it
+        assert (updated.keys, updated.orgs, updated.releases) != (
+            snapshot.keys,
+            snapshot.orgs,
+            snapshot.releases,
+        )

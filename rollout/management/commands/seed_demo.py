@@ -141,7 +141,7 @@ class Command(BaseCommand):
         audit.record(
             "user.created",
             actor=ACTOR,
-            object_type="user",
+            object_type=audit.ObjectType.USER,
             object_id=username,
             data={"role": role},
         )
