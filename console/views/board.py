@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import OuterRef, Subquery
 from django.shortcuts import render
 from django.utils import timezone
 
@@ -12,6 +11,7 @@ from console.guards import staff_page
 from rollout.models import Recommendation, Release, ReleaseState, Review
 from rollout.plans import plan_doc
 from rollout.reviews import Evaluation, evaluate
+from rollout.status import stage_index, with_latest_review
 from rollout.transitions import counted_approvals
 
 
@@ -28,23 +28,18 @@ class BoardRow:
 
 def board_rows() -> list[BoardRow]:
     """One row per release with a plan; retired ones last."""
-    newest = Review.objects.filter(release=OuterRef("pk")).order_by("-created_at", "-id")
-    releases = list(
-        Release.objects.filter(active_plan__isnull=False)
-        .select_related("active_plan")
-        .annotate(latest_review=Subquery(newest.values("pk")[:1]))
-        .order_by("state", "name")
-    )
-    reviews = Review.objects.in_bulk([r.latest_review for r in releases if r.latest_review])
     rows = []
     now = timezone.now()
-    for release in releases:
+    for release, review in with_latest_review(
+        Release.objects.filter(active_plan__isnull=False)
+        .select_related("active_plan")
+        .order_by("state", "name")
+    ):
         doc = plan_doc(release.active_plan)
         names = doc.stage_names
         evaluation = None
         if release.state != ReleaseState.RETIRED:
             evaluation = evaluate(release, now=now)
-        review = reviews.get(release.latest_review)
         waiting = 0
         if review is not None and review.recommendation == Recommendation.ADVANCE:
             waiting = max(0, review.approvals_needed - len(counted_approvals(review)))
@@ -52,9 +47,7 @@ def board_rows() -> list[BoardRow]:
             BoardRow(
                 release=release,
                 stages=names,
-                stage_index=names.index(release.current_stage)
-                if release.current_stage in names
-                else -1,
+                stage_index=stage_index(release, names),
                 evaluation=evaluation,
                 blockers=[c for c in evaluation.criteria if not c.passed] if evaluation else [],
                 latest_review=review,
