@@ -21,6 +21,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.views.decorators.http import require_POST
 
+from stagegate.permissions import narrow_to_orgs
 from stagegate.roles import (
     REVIEWER,
     ROLLOUT_ADMIN,
@@ -47,11 +48,7 @@ def org_ids(user) -> QuerySet | None:
 
 def scoped(queryset: QuerySet, user, field: str = "organization") -> QuerySet:
     """``queryset`` narrowed to the organizations ``user`` may see."""
-    ids = org_ids(user)
-    if ids is None:
-        return queryset
-    lookup = "pk__in" if field == "pk" else f"{field}__in"
-    return queryset.filter(**{lookup: ids})
+    return narrow_to_orgs(queryset, org_ids(user), field)
 
 
 def console_page(view: Callable) -> Callable:

@@ -94,13 +94,17 @@ def org_scope(request) -> QuerySet | None:
     return admin_org_ids(user)
 
 
-def scope_to_orgs(queryset: QuerySet, request, field: str = "organization") -> QuerySet:
-    """``queryset`` narrowed to the organizations the request may touch."""
-    ids = org_scope(request)
+def narrow_to_orgs(queryset: QuerySet, ids: QuerySet | None, field: str = "organization"):
+    """``queryset`` narrowed to the organization ids ``ids`` (None: all of them)."""
     if ids is None:
         return queryset
     lookup = "pk__in" if field == "pk" else f"{field}__in"
     return queryset.filter(**{lookup: ids})
+
+
+def scope_to_orgs(queryset: QuerySet, request, field: str = "organization") -> QuerySet:
+    """``queryset`` narrowed to the organizations the request may touch."""
+    return narrow_to_orgs(queryset, org_scope(request), field)
 
 
 class IsReviewer(BasePermission):
