@@ -8,6 +8,9 @@ A key looks like ``sgk_<key id>_<secret><checksum>``:
 - checksum: 6 base62 characters of CRC32 over everything before it, so a mistyped
   or made-up key is refused by ``parse_key`` without touching storage.
 
+The lengths and alphabets are ``stagegate.keyformat``'s, the one definition that
+``monitoring.redaction`` and the console read too.
+
 Only ``sha256(whole key)`` is stored. With 256 random bits a fast hash is enough:
 there is nothing to brute-force, and lookups stay cheap on the hot path.
 """
@@ -28,15 +31,12 @@ from django.utils import timezone
 
 from access.models import ApiKey, Organization
 from monitoring import audit
+from stagegate import keyformat
 
-KEY_PREFIX = "sgk_"
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_BASE32 = "0123456789abcdefghjkmnpqrstvwxyz"
-_SECRET_LEN = 43
-_CHECKSUM_LEN = 6
 _KEY_RE = re.compile(
-    rf"^{KEY_PREFIX}(?P<key_id>[{_BASE32}]{{16}})_(?P<secret>[0-9A-Za-z]{{{_SECRET_LEN}}})"
-    rf"(?P<checksum>[0-9A-Za-z]{{{_CHECKSUM_LEN}}})$"
+    rf"^{keyformat.PREFIX}(?P<key_id>[{keyformat.ID_ALPHABET}]{{{keyformat.ID_LENGTH}}})_"
+    rf"(?P<secret>[0-9A-Za-z]{{{keyformat.SECRET_LENGTH}}})"
+    rf"(?P<checksum>[0-9A-Za-z]{{{keyformat.CHECKSUM_LENGTH}}})$"
 )
 
 
@@ -48,12 +48,12 @@ def _base62(number: int, width: int) -> str:
     chars = []
     for _ in range(width):
         number, rem = divmod(number, 62)
-        chars.append(_BASE62[rem])
+        chars.append(keyformat.SECRET_ALPHABET[rem])
     return "".join(reversed(chars))
 
 
 def _checksum(body: str) -> str:
-    return _base62(zlib.crc32(body.encode()), _CHECKSUM_LEN)
+    return _base62(zlib.crc32(body.encode()), keyformat.CHECKSUM_LENGTH)
 
 
 def digest(raw_key: str) -> str:
@@ -62,9 +62,11 @@ def digest(raw_key: str) -> str:
 
 def generate_key() -> tuple[str, str]:
     """A new (raw key, key id). The raw key exists only in the caller's hands."""
-    key_id = "".join(secrets.choice(_BASE32) for _ in range(16))
-    secret = "".join(secrets.choice(_BASE62) for _ in range(_SECRET_LEN))
-    body = f"{KEY_PREFIX}{key_id}_{secret}"
+    key_id = "".join(secrets.choice(keyformat.ID_ALPHABET) for _ in range(keyformat.ID_LENGTH))
+    secret = "".join(
+        secrets.choice(keyformat.SECRET_ALPHABET) for _ in range(keyformat.SECRET_LENGTH)
+    )
+    body = f"{keyformat.PREFIX}{key_id}_{secret}"
     return body + _checksum(body), key_id
 
 
@@ -73,7 +75,7 @@ def parse_key(raw_key: str) -> str:
     match = _KEY_RE.match(raw_key)
     if match is None:
         raise KeyFormatError("not a Stagegate API key")
-    body = raw_key[:-_CHECKSUM_LEN]
+    body = raw_key[: -keyformat.CHECKSUM_LENGTH]
     if not hmac.compare_digest(_checksum(body), match["checksum"]):
         raise KeyFormatError("API key checksum does not match (mistyped or truncated key?)")
     return match["key_id"]

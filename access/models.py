@@ -8,6 +8,7 @@ from django.db import models
 from django.db.models.functions import Lower
 
 from monitoring.redaction import RedactedCharField, RedactedTextField
+from stagegate import keyformat
 from stagegate.ids import new_key_public_id, new_membership_id, new_org_id, new_verification_id
 
 ORG_SLUG_RULE = (
@@ -169,9 +170,7 @@ class ApiKey(models.Model):
     @property
     def prefix(self) -> str:
         """What a person sees to recognise the key; never enough to use it."""
-        from access.keys import KEY_PREFIX
-
-        return f"{KEY_PREFIX}{self.key_id}"
+        return f"{keyformat.PREFIX}{self.key_id}"
 
     def status_at(self, now: datetime) -> str:
         if self.revoked_at is not None:

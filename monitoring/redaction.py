@@ -15,9 +15,10 @@ Applied, each in one place:
 
 A secret is 10 or more characters after ``sgk_<16-character id>_``, prefix and id in
 any case (a key upper-cased by a tool still gives its secret away, its case being
-cheap to guess against the checksum). Ten is the length of ``[redacted]``: redaction
-never lengthens text, so a value that fits its column still fits. Fewer than ten
-characters of a 49-character secret give nothing away.
+cheap to guess against the checksum): ``stagegate.keyformat.KEY_HEAD``, the key's
+shape defined once. Ten is the length of ``[redacted]``: redaction never lengthens
+text, so a value that fits its column still fits. Fewer than ten characters of a
+49-character secret give nothing away.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from typing import Any
 
 from django.db import models
 
+from stagegate import keyformat
+
 REDACTED = "[redacted]"
 # The secret stops where another key begins, so two keys pasted together are both
 # redacted.
 SECRET_PATTERN = re.compile(
-    rf"(?P<kept>sgk_[0-9a-z]{{16}}_)(?:(?!sgk_)[0-9a-z]){{{len(REDACTED)},}}",
+    rf"(?P<kept>{keyformat.KEY_HEAD})(?:(?!{keyformat.PREFIX})[0-9a-z]){{{len(REDACTED)},}}",
     re.IGNORECASE | re.ASCII,
 )
 

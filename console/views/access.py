@@ -20,12 +20,16 @@ from access.models import Organization
 from console.guards import staff_page
 from monitoring.redaction import SECRET_PATTERN
 from rollout.models import Release
+from stagegate import keyformat
 
 # A key id as people copy it: sgk_ and the 16 characters of its id (the prefix the
 # console and the audit log show), or the 16 characters alone.
-KEY_ID = re.compile(r"(?:sgk_)?(?P<key_id>[0-9abcdefghjkmnpqrstvwxyz]{16})", re.IGNORECASE)
+KEY_ID = re.compile(
+    rf"(?:{keyformat.PREFIX})?(?P<key_id>[{keyformat.ID_ALPHABET}]{{{keyformat.ID_LENGTH}}})",
+    re.IGNORECASE,
+)
 # Anything after "sgk_<id>_" is (part of) the secret: refused however short.
-SECRET_TAIL = re.compile(r"sgk_[0-9a-z]{16}_[0-9a-z]", re.IGNORECASE)
+SECRET_TAIL = re.compile(rf"{keyformat.KEY_HEAD}[0-9a-z]", re.IGNORECASE)
 SECRET_REFUSED = (
     "This looks like a whole API key, secret included. Enter only its id (sgk_ and the"
     " 16 characters before the second underscore); what you typed was not kept."
