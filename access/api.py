@@ -22,7 +22,6 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from access import keys, organizations, verifications
@@ -41,7 +40,7 @@ from access.serializers import (
     VerificationSerializer,
     VerificationValidateSerializer,
 )
-from stagegate.api import Conflict, ErrorSerializer, cursor_pagination
+from stagegate.api import ErrorSerializer, cursor_pagination
 from stagegate.permissions import (
     IsRolloutAdmin,
     OrgScopedAdminWrite,
@@ -170,17 +169,12 @@ class MembershipViewSet(
         )
 
     def perform_create(self, serializer):
-        try:
-            serializer.instance = organizations.add_member(
-                organization=self.organization(),
-                username=serializer.validated_data["username"],
-                role=serializer.validated_data["role"],
-                actor=self.request.user,
-            )
-        except organizations.NotAddable as exc:
-            raise ValidationError({"username": [str(exc)]}) from None
-        except organizations.AlreadyMember as exc:
-            raise Conflict(str(exc), code="already_member") from None
+        serializer.instance = organizations.add_member(
+            organization=self.organization(),
+            username=serializer.validated_data["username"],
+            role=serializer.validated_data["role"],
+            actor=self.request.user,
+        )
 
     def perform_destroy(self, instance):
         organizations.remove_member(instance, actor=self.request.user)
@@ -242,12 +236,9 @@ class VerificationViewSet(
         verification = self.get_object()
         serializer = VerificationRevokeSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            verification = verifications.revoke_verification(
-                verification, actor=request.user, reason=serializer.validated_data["reason"]
-            )
-        except verifications.VerificationConflict as exc:
-            raise Conflict(str(exc), code="verification_not_revocable") from None
+        verification = verifications.revoke_verification(
+            verification, actor=request.user, reason=serializer.validated_data["reason"]
+        )
         return self._reply(verification)
 
     @extend_schema(
@@ -260,12 +251,9 @@ class VerificationViewSet(
         verification = self.get_object()
         serializer = VerificationValidateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            verification = verifications.validate_verification(
-                verification, actor=request.user, note=serializer.validated_data["note"]
-            )
-        except verifications.VerificationConflict as exc:
-            raise Conflict(str(exc), code="verification_not_pending") from None
+        verification = verifications.validate_verification(
+            verification, actor=request.user, note=serializer.validated_data["note"]
+        )
         return self._reply(verification)
 
 
@@ -345,8 +333,5 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         serializer = ApiKeyRotateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         grace = timedelta(hours=serializer.validated_data["grace_hours"])
-        try:
-            issued = keys.rotate_key(api_key=api_key, actor=request.user, grace=grace)
-        except ValueError as exc:
-            raise Conflict(str(exc), code="key_not_rotatable") from None
+        issued = keys.rotate_key(api_key=api_key, actor=request.user, grace=grace)
         return self._issued(issued)

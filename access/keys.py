@@ -32,6 +32,7 @@ from django.utils import timezone
 from access.models import ApiKey, Organization
 from monitoring import audit
 from stagegate import keyformat
+from stagegate.errors import Refused
 
 _KEY_RE = re.compile(
     rf"^{keyformat.PREFIX}(?P<key_id>[{keyformat.ID_ALPHABET}]{{{keyformat.ID_LENGTH}}})_"
@@ -156,15 +157,19 @@ def rotate_key(*, api_key: ApiKey, actor, grace: timedelta) -> IssuedKey:
     """Issue a successor; the old key keeps working for ``grace`` and then expires.
 
     A grace of zero expires the old key at once. The successor inherits the old
-    key's name and expiry.
+    key's name and expiry. A key that is not active, or was rotated already, is
+    Refused ``key_not_rotatable`` (409).
     """
     now = timezone.now()
     with transaction.atomic():
         old = ApiKey.objects.select_for_update().select_related("organization").get(pk=api_key.pk)
         if old.status_at(now) != "active":
-            raise ValueError(f"key {old.prefix} is {old.status_at(now)} and cannot be rotated")
+            raise Refused(
+                "key_not_rotatable",
+                f"key {old.prefix} is {old.status_at(now)} and cannot be rotated",
+            )
         if hasattr(old, "rotated_to"):
-            raise ValueError(f"key {old.prefix} was already rotated")
+            raise Refused("key_not_rotatable", f"key {old.prefix} was already rotated")
         new = issue_key(
             organization=old.organization,
             name=old.name,
@@ -187,12 +192,12 @@ def rotate_key(*, api_key: ApiKey, actor, grace: timedelta) -> IssuedKey:
     return new
 
 
-class KeyRefused(Exception):
-    """A key that may not be used, with a stable reason code."""
+class KeyRefused(Refused):
+    """A key that may not be used, with a stable reason code (401, as the proxy
+    answers it)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message, status=401)
 
 
 def authenticate_key(raw_key: str, *, now: datetime | None = None) -> ApiKey:

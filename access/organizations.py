@@ -24,15 +24,6 @@ ORG_FIELDS = ("slug", "name", "tier")
 NOT_ADDABLE = "no user you may add has this username"
 
 
-class AlreadyMember(ValueError):
-    """The user already has a membership in the organization."""
-
-
-class NotAddable(ValueError):
-    """No user that the actor may add has this username (``NOT_ADDABLE``, whatever the
-    reason: no such user, inactive, staff, or another organization's member)."""
-
-
 def create_organization(*, slug: str, name: str, tier: str, actor) -> Organization:
     validate_org_slug(slug)
     with transaction.atomic():
@@ -56,8 +47,8 @@ def update_organization(organization: Organization, *, actor, **changes: str) ->
     plans name organizations by slug in ``allow_orgs``, ``deny_orgs`` and the cohort
     hash, so a new slug would silently change which rules apply to the organization."""
     unknown = set(changes) - set(ORG_FIELDS)
-    if unknown:
-        raise ValueError(f"cannot change {sorted(unknown)} of an organization")
+    if unknown:  # the caller's mistake, as an unexpected keyword argument is
+        raise TypeError(f"cannot change {sorted(unknown)} of an organization")
     # Compared as they would be stored (a name holds no API key's secret), so the same
     # key-shaped name given twice is no change the second time.
     changes = {field: redact_secrets(value) for field, value in changes.items()}
@@ -117,9 +108,12 @@ def find_member_candidate(*, username: str, actor):
 def add_member(
     *, organization: Organization, username: str, role: str = MembershipRole.MEMBER, actor
 ) -> Membership:
-    """Give the user called ``username`` a membership in ``organization``; NotAddable
-    when ``find_member_candidate`` finds no one ``actor`` may add, AlreadyMember when
-    they already have one."""
+    """Give the user called ``username`` a membership in ``organization``.
+
+    Refused ``not_addable`` (400, about the ``username`` field, one message whatever
+    the reason: no such user, inactive, staff, or another organization's member) when
+    ``find_member_candidate`` finds no one ``actor`` may add; ``already_member`` (409)
+    when they already have a membership."""
     user = find_member_candidate(username=username, actor=actor)
     if user is None:
         # A signal for whoever watches the logs when an org admin probes for staff or
@@ -128,7 +122,7 @@ def add_member(
         log.warning(
             "%s was refused adding a user to %s", audit.actor_label(actor), organization.slug
         )
-        raise NotAddable(NOT_ADDABLE)
+        raise Refused("not_addable", NOT_ADDABLE, status=400, field="username")
     try:
         with transaction.atomic():
             membership = Membership.objects.create(user=user, organization=organization, role=role)
@@ -145,8 +139,9 @@ def add_member(
             )
     except IntegrityError:
         if Membership.objects.filter(user=user, organization=organization).exists():
-            raise AlreadyMember(
-                f"{user.get_username()} is already a member of {organization.slug}"
+            raise Refused(
+                "already_member",
+                f"{user.get_username()} is already a member of {organization.slug}",
             ) from None
         raise
     return membership

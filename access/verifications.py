@@ -15,10 +15,7 @@ from django.utils import timezone
 from access.models import Organization, Verification, VerificationStatus
 from access.tier_changes import set_verification_status, tier_changes_audited
 from monitoring import audit
-
-
-class VerificationConflict(ValueError):
-    """The verification's current status does not allow the requested change."""
+from stagegate.errors import Refused
 
 
 def create_verification(
@@ -36,7 +33,12 @@ def create_verification(
     once; that change is audited as well.
     """
     if status not in (VerificationStatus.PENDING, VerificationStatus.VALID):
-        raise ValueError(f"a new verification is pending or valid, not {status}")
+        raise Refused(
+            "status_not_initial",
+            f"a new verification is pending or valid, not {status}",
+            status=400,
+            field="status",
+        )
     now = timezone.now()
     with transaction.atomic():
         verified = status == VerificationStatus.VALID
@@ -77,20 +79,23 @@ def _locked(verification: Verification) -> Verification:
 
 def validate_verification(verification: Verification, *, actor, note: str = "") -> Verification:
     """Mark a pending verification valid. Valid stays valid (no change, no audit row);
-    revoked, rejected and expired evidence is not revived: record a new verification."""
+    revoked, rejected and expired evidence is not revived (Refused
+    ``verification_not_pending``, 409): record a new verification."""
     with transaction.atomic():
         verification = _locked(verification)
         if verification.status == VerificationStatus.VALID:
             return verification
         if verification.status != VerificationStatus.PENDING:
-            raise VerificationConflict(
+            raise Refused(
+                "verification_not_pending",
                 f"verification {verification.public_id} is {verification.status}; "
-                "only a pending verification can be validated (record a new one instead)"
+                "only a pending verification can be validated (record a new one instead)",
             )
         if verification.expires_at <= timezone.now():
-            raise VerificationConflict(
+            raise Refused(
+                "verification_not_pending",
                 f"verification {verification.public_id} expired at "
-                f"{verification.expires_at.isoformat()}; record a new one instead"
+                f"{verification.expires_at.isoformat()}; record a new one instead",
             )
         return set_verification_status(
             verification, status=VerificationStatus.VALID, actor=actor, note=note
@@ -98,15 +103,17 @@ def validate_verification(verification: Verification, *, actor, note: str = "") 
 
 
 def revoke_verification(verification: Verification, *, actor, reason: str = "") -> Verification:
-    """Revoke a pending or valid verification; revoking a revoked one changes nothing."""
+    """Revoke a pending or valid verification; revoking a revoked one changes nothing,
+    any other is Refused ``verification_not_revocable`` (409)."""
     with transaction.atomic():
         verification = _locked(verification)
         if verification.status == VerificationStatus.REVOKED:
             return verification
         if verification.status not in (VerificationStatus.PENDING, VerificationStatus.VALID):
-            raise VerificationConflict(
+            raise Refused(
+                "verification_not_revocable",
                 f"verification {verification.public_id} is {verification.status} "
-                "and cannot be revoked"
+                "and cannot be revoked",
             )
         note = f"revoked: {reason}" if reason else ""
         return set_verification_status(

@@ -40,14 +40,6 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 CONTROL_CHARACTERS_REFUSED = "Control characters are not allowed."
 
 
-class Conflict(exceptions.APIException):
-    """The request is well formed but the object's state does not allow it."""
-
-    status_code = 409
-    default_detail = "The request conflicts with the object's current state."
-    default_code = "conflict"
-
-
 def error_body(code: str, message: str, details: Any = None) -> dict:
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
@@ -91,8 +83,11 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         return Response(error_body("plan_invalid", _one_line(message), errors), status=400)
 
     if isinstance(exc, Refused):
-        set_rollback()
-        return Response(error_body(exc.code, _one_line(exc.message)), status=exc.status)
+        if exc.field is None:
+            set_rollback()
+            return Response(error_body(exc.code, _one_line(exc.message)), status=exc.status)
+        # About one input: answered as that field's error, like a serializer's.
+        exc = exceptions.ValidationError({exc.field: [exc.message]})
 
     if isinstance(exc, Http404):
         # One message for every 404, so it never says what kind of object was missing.

@@ -51,6 +51,7 @@ from console.org_selectors import (
     visible_keys,
     visible_orgs,
 )
+from stagegate.errors import Refused
 from stagegate.roles import is_rollout_admin
 
 SENT_KEY_FORMS = "console_sent_key_forms"  # session: the last 50 key forms sent
@@ -255,8 +256,8 @@ def key_rotate(request, public_id: str):
             actor=request.user,
             grace=timedelta(hours=form.cleaned_data["grace_hours"]),
         )
-    except ValueError as exc:  # revoked, expired or already rotated
-        form.add_error(None, str(exc))
+    except Refused as refused:  # revoked, expired or already rotated
+        form.add_error(None, refused.message)
         return _key_page(request, api_key, status=409, rotate_form=form)
     return _secret_page(request, issued, rotated=issued.api_key.rotated_from)
 
@@ -289,8 +290,8 @@ def member_add(request, slug: str):
                 role=form.cleaned_data["role"],
                 actor=request.user,
             )
-        except (organizations.NotAddable, organizations.AlreadyMember) as exc:
-            form.add_error("username", str(exc))
+        except Refused as refused:  # not addable, or a member already
+            form.add_error("username", refused.message)
     if not form.is_valid():
         return _org_page(request, organization, status=400, member_form=form)
     messages.success(request, f"{form.cleaned_data['username']} added to {organization.slug}.")
@@ -353,8 +354,8 @@ def verification_revoke(request, slug: str, public_id: str):
         verifications.revoke_verification(
             verification, actor=request.user, reason=form.cleaned_data["reason"]
         )
-    except verifications.VerificationConflict as exc:
-        messages.error(request, str(exc))
+    except Refused as refused:
+        messages.error(request, refused.message)
     else:
         messages.success(request, f"Verification {verification.public_id} revoked.")
     return redirect("console:org", slug=organization.slug)
@@ -366,8 +367,8 @@ def verification_validate(request, slug: str, public_id: str):
     verification = _verification(organization, public_id)
     try:
         verifications.validate_verification(verification, actor=request.user)
-    except verifications.VerificationConflict as exc:
-        messages.error(request, str(exc))
+    except Refused as refused:
+        messages.error(request, refused.message)
     else:
         messages.success(request, f"Verification {verification.public_id} is valid.")
     return redirect("console:org", slug=organization.slug)

@@ -12,6 +12,7 @@ from access import keys
 from access.keys import KeyFormatError, KeyRefused, authenticate_key, parse_key
 from access.models import ApiKey
 from monitoring.models import AuditEvent
+from stagegate.errors import Refused
 
 
 def _dump_database() -> str:
@@ -136,8 +137,9 @@ def test_rotation_grace_never_extends_an_earlier_expiry(northwind, ada):
 def test_revoked_key_cannot_be_rotated(northwind, ada):
     issued = keys.issue_key(organization=northwind, name="ci", actor=ada)
     keys.revoke_key(api_key=issued.api_key, actor=ada)
-    with pytest.raises(ValueError, match="revoked"):
+    with pytest.raises(Refused, match="revoked") as refused:
         keys.rotate_key(api_key=issued.api_key, actor=ada, grace=timedelta(hours=1))
+    assert (refused.value.code, refused.value.status) == ("key_not_rotatable", 409)
 
 
 def test_last_used_written_at_most_once_per_interval(northwind, ada):

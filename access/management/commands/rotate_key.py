@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from access.keys import rotate_key
 from access.management.commands._keys import find_key
+from stagegate.errors import Refused
 
 
 class Command(BaseCommand):
@@ -28,8 +29,8 @@ class Command(BaseCommand):
             issued = rotate_key(
                 api_key=old, actor=f"cli:{actor}", grace=timedelta(hours=grace_hours)
             )
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+        except Refused as refused:
+            raise CommandError(refused.message) from None
         old.refresh_from_db()
         self.stderr.write(
             f"rotated {old.public_id}: it stops working at {old.expires_at.isoformat()}; "
