@@ -1,17 +1,31 @@
-"""Calls to the upstream model servers: one pooled aiohttp session per worker.
+"""Calls to the upstream model servers, and relaying their answers to the client.
 
-aiohttp was chosen over httpx by measurement (bench/http_clients.py,
-docs/performance.md). The session is created once at start-up and shared by
-every request; connections are kept alive and reused.
+``Upstream`` is the worker's one pooled aiohttp session (created at start-up, shared
+by every request, connections kept alive and reused) and the two ways an answer goes
+back: ``relay`` a whole JSON answer, ``relay_stream`` an SSE stream event by event
+(``SSERelay``). aiohttp was chosen over httpx by measurement (bench/http_clients.py,
+docs/performance.md).
+
+Relaying writes what it learns onto the proxy's ``Call``: ``status`` (what the client
+got), ``upstream_seconds``, ``error`` (a stream that broke after its status was sent)
+and ``client_disconnected``; it returns the ``Usage`` it read. An upstream that gives
+no answer before anything was sent raises ``UpstreamFailure``, which the caller
+answers and records.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
+
+if TYPE_CHECKING:
+    from access.proxy.common import Call
 
 # SSE events end with a blank line; servers use \n or \r\n.
 EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -19,6 +33,11 @@ DONE = b"data: [DONE]"
 # A chunk that carries text (a token, roughly), and one the content filter ended.
 CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')
 FILTERED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"')
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell nginx in front not to buffer the stream
+]
 
 
 class UpstreamFailure(Exception):
@@ -147,3 +166,154 @@ class SSERelay:
         if CONTENT.search(event):
             self.content_chunks += 1
         return True
+
+
+class Upstream:
+    """The worker's session to the model servers and the relaying of their answers."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_connections: int,
+        api_key: str = "",
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.session: aiohttp.ClientSession | None = None
+        self._base_headers = {"content-type": "application/json"}
+        if api_key:
+            self._base_headers["authorization"] = f"Bearer {api_key}"
+
+    def open(self) -> None:
+        """Create the session (inside the event loop)."""
+        self.session = make_session(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_connections=self.max_connections,
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def _headers(self, call: Call) -> dict[str, str]:
+        return {**self._base_headers, "x-request-id": call.request_id}
+
+    async def relay(self, send, call: Call, base_url: str, suffix, body, headers) -> Usage:
+        """Forward ``body`` and answer the client with the upstream's whole answer."""
+        usage = Usage()
+        url = base_url + suffix
+        started = time.perf_counter()
+        try:
+            async with self.session.post(url, data=body, headers=self._headers(call)) as r:
+                payload = await r.read()
+                status = r.status
+                content_type = r.headers.get("content-type", "application/json")
+        except Exception as exc:
+            call.upstream_seconds = time.perf_counter() - started
+            raise translate(exc, base_url) from None
+        call.upstream_seconds = time.perf_counter() - started
+        if status >= 500:
+            raise UpstreamFailure.bad_status(status)
+        if status == 200:
+            try:
+                document = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamFailure(
+                    "upstream_error", 502, "The model server's answer is not valid JSON."
+                ) from None
+            if isinstance(document, dict):
+                usage.read(document)
+        call.status = status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", b"%d" % len(payload)),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+        return usage
+
+    async def relay_stream(
+        self, receive, send, call: Call, base_url: str, suffix, body, headers, hide_usage
+    ) -> Usage:
+        """Forward ``body`` and pass the upstream's event stream on as it arrives.
+
+        Without a usage chunk that reached the client (it left, or the upstream sent
+        none), the completion counts one token per content chunk it was sent; the
+        caller estimates the prompt.
+        """
+        url = base_url + suffix
+        relay = SSERelay(hide_usage_chunk=hide_usage)
+        started = time.perf_counter()
+        # The body is read, so the next receive() returns only when the client leaves.
+        gone = asyncio.ensure_future(receive())
+        try:
+            try:
+                response = await self.session.post(url, data=body, headers=self._headers(call))
+            except Exception as exc:
+                call.upstream_seconds = time.perf_counter() - started
+                raise translate(exc, base_url) from None
+            async with response:
+                if response.status != 200:
+                    payload = await response.read()
+                    call.upstream_seconds = time.perf_counter() - started
+                    if response.status >= 500:
+                        raise UpstreamFailure.bad_status(response.status)
+                    call.status = response.status
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": response.status,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(payload)),
+                                *headers,
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": payload})
+                    return relay.usage
+                call.status = 200
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers}
+                )
+                try:
+                    async for chunk in response.content.iter_any():
+                        out = relay.feed(chunk)
+                        if gone.done():
+                            call.client_disconnected = True
+                            break
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                    else:
+                        out = relay.tail()
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                        if not relay.done:
+                            call.error = "upstream_incomplete"
+                except Exception as exc:  # the stream broke after the status was sent
+                    call.error = translate(exc, base_url).error
+                call.upstream_seconds = time.perf_counter() - started
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if gone.done():
+                call.client_disconnected = True
+            else:
+                gone.cancel()
+        usage = relay.usage
+        if call.client_disconnected or not usage.reported:
+            usage.completion_tokens = relay.content_chunks
+            usage.reported = False
+        return usage

@@ -36,7 +36,7 @@ What is measured
   body read chunk by chunk to data: [DONE]), at each concurrency. Every answer
   must be a 200 with a complete body; anything else is counted as an error.
   Last, with the servers stopped and this process pinned to one core: decide()
-  for an allowed request, and the proxy's key check (Proxy._key: header scan,
+  for an allowed request, and the proxy's key check (presented_key: header scan,
   parse_key, dict lookup, SHA-256, compare_digest) with its parts.
 
 How to read the output
@@ -653,10 +653,8 @@ def micro(iterations: int) -> None:
         decide,
     )
     from access.keys import digest, generate_key, parse_key
-    from access.proxy import Proxy, ProxyConfig
-    from access.ratelimits import LocalLimiter
-    from access.snapshot import Snapshot, SnapshotStore
-    from monitoring.usage import UsageRecorder
+    from access.proxy import presented_key
+    from access.snapshot import Snapshot
     from rollout.plan_schema import parse_plan
 
     with contextlib.suppress(AttributeError, OSError):  # not every OS can pin
@@ -683,9 +681,6 @@ def micro(iterations: int) -> None:
         other_raw, other_id = generate_key()
         keys[other_id] = KeyEntry(other_id, f"key_{other_id}", digest(other_raw), 1, None, False)
     snapshot = Snapshot(marker=None, keys=keys, orgs={1: org}, releases={RELEASE: release})
-    proxy = Proxy(
-        ProxyConfig(), store=SnapshotStore(), limiter=LocalLimiter(), recorder=UsageRecorder()
-    )
     raw = raw_key.encode()
     scope = {
         "headers": [
@@ -695,13 +690,13 @@ def micro(iterations: int) -> None:
             (b"authorization", b"Bearer " + raw),
         ]
     }
-    if proxy._key(scope, snapshot) is not key:
-        raise RuntimeError("Proxy._key does not find the bench key")
+    if presented_key(scope, snapshot) is not key:
+        raise RuntimeError("presented_key does not find the bench key")
 
     cases: dict[str, Callable[[], object]] = {
         "empty call (loop overhead)": lambda: None,
         "decide (allowed)": decide_allowed,
-        "Proxy._key (valid key)": lambda: proxy._key(scope, snapshot),
+        "presented_key (valid key)": lambda: presented_key(scope, snapshot),
         "  parse_key": lambda: parse_key(raw_key),
         "  sha256 hex + compare_digest": lambda: hmac.compare_digest(
             hashlib.sha256(raw).hexdigest(), key.digest

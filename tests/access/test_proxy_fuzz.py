@@ -14,11 +14,8 @@ import httpx
 import pytest
 
 from monitoring.models import UsageEvent
-from tests.access import test_proxy
-from tests.access.test_proxy import HELLO, usage_events
+from tests.access.proxy_cast import HELLO, usage_events
 from tests.live import wait_until
-
-cast = test_proxy.cast  # the live server and cast of test_proxy, as a fixture here
 
 pytestmark = pytest.mark.usefixtures("live_db")
 

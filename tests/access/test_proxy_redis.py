@@ -21,7 +21,7 @@ from django.db import connection
 
 from access.keys import issue_key
 from rollout.plans import apply_plan
-from tests.access.test_proxy import HELLO, plan_text, usage_events
+from tests.access.proxy_cast import HELLO, plan_text, usage_events
 from tests.factories import make_org
 from tests.live import METRICS_TOKEN, ProxyServer, RedisServer
 

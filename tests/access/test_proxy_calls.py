@@ -1,129 +1,28 @@
-"""The proxy end to end: a real server on a free port, the official openai client,
-the demo upstream, and the test database underneath.
-
-Cast: atlas-2 in its first stage (research_preview: northwind-research only) and
-atlas-lite, the same plan at its last stage (general: every tier).
-"""
+"""Model calls through the proxy (access/proxy/calls.py) end to end: a real server on
+a free port, the official openai client, the demo upstream, and the test database
+underneath (the cast: tests/access/proxy_cast.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import re
-import signal
 import time
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 
-from access.keys import issue_key, revoke_key
-from access.models import ApiKey, Organization, Verification
+from access.keys import revoke_key
+from access.models import ApiKey, Verification
 from access.tier_changes import set_verification_status
-from monitoring import audit
-from monitoring.models import UsageEvent
-from rollout.models import Release
 from rollout.plans import apply_plan
-from tests.factories import EXAMPLE_PLAN, make_org
-from tests.live import METRICS_TOKEN, DemoUpstream, ProxyServer, free_port, wait_until
+from tests.access.proxy_cast import HELLO, plan_text, set_release, usage_events
+from tests.live import DemoUpstream, ProxyServer, free_port
 
 pytestmark = pytest.mark.usefixtures("live_db")
 
-ORGS = {
-    "northwind-research": "research_partner",
-    "acme-commercial": "verified_commercial",
-    "tartu-university": "credentialed_academic",
-    "public-dev": "public",
-}
-HELLO = [{"role": "user", "content": "Say hello to the staged rollout."}]
 
-
-def plan_text(base_url: str, *, release: str = "atlas-2", model: str = "atlas-2-2026-11", rpm=None):
-    text = EXAMPLE_PLAN.read_text()
-    text = text.replace("release: atlas-2", f"release: {release}")
-    text = text.replace("base_url: http://127.0.0.1:8001/v1", f"base_url: {base_url}")
-    text = text.replace("model: atlas-2-2026-11", f"model: {model}")
-    if rpm is not None:
-        text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)
-    return text
-
-
-def set_release(name: str, **fields) -> None:
-    """Change a release's stage or state, audited (as the transition service will)."""
-    with transaction.atomic():
-        release = Release.objects.select_for_update().get(name=name)
-        for field, value in fields.items():
-            setattr(release, field, value)
-        release.version += 1
-        release.save()
-        audit.record(
-            "release.changed",
-            actor=None,
-            object_type="release",
-            object_id=release.public_id,
-            data=fields,
-        )
-
-
-@dataclass
-class Cast:
-    server: ProxyServer
-    upstream: DemoUpstream
-    keys: dict[str, str]
-
-    def client(self, org: str = "northwind-research", server: ProxyServer | None = None):
-        """The official client for ``org``'s key, on this module's server or ``server``."""
-        return openai.OpenAI(
-            base_url=f"{(server or self.server).url}/v1", api_key=self.keys[org], max_retries=0
-        )
-
-    def apply(self, **kwargs) -> None:
-        apply_plan(plan_text(self.upstream.base_url, **kwargs), actor=None)
-        self.server.wait_synced()
-
-
-@pytest.fixture
-def cast(proxy_server, demo_upstream) -> Cast:
-    for slug, tier in ORGS.items():
-        make_org(slug, tier)
-    apply_plan(plan_text(demo_upstream.base_url), actor=None)
-    apply_plan(plan_text(demo_upstream.base_url, release="atlas-lite"), actor=None)
-    set_release("atlas-lite", current_stage="general")
-    keys = {
-        org.slug: issue_key(organization=org, name="test", actor=None).raw_key
-        for org in Organization.objects.all()
-    }
-    proxy_server.wait_synced()
-    return Cast(proxy_server, demo_upstream, keys)
-
-
-def usage_events(count: int, **filters) -> list[UsageEvent]:
-    """Wait for ``count`` usage events of this test's organizations matching ``filters``.
-
-    (A server shared by the module may still write the previous test's last events.)"""
-    orgs = list(Organization.objects.values_list("public_id", flat=True))
-    query = UsageEvent.objects.filter(org__in=orgs, **filters).order_by("id")
-    return wait_until(
-        lambda: rows if len(rows := list(query.all())) >= count else None,
-        timeout=10,
-        what=f"{count} usage events {filters}",
-    )
-
-
-# --- who sees what --------------------------------------------------------------------------
-
-
-def test_each_tier_sees_exactly_the_models_its_stage_admits(cast):
-    expected = {
-        "northwind-research": ["atlas-2", "atlas-lite"],
-        "acme-commercial": ["atlas-lite"],
-        "tartu-university": ["atlas-lite"],
-        "public-dev": ["atlas-lite"],
-    }
-    seen = {org: sorted(m.id for m in cast.client(org).models.list()) for org in ORGS}
-    assert seen == expected
-    assert cast.client().models.retrieve("atlas-2").id == "atlas-2"
+# --- who may call what ----------------------------------------------------------------------
 
 
 def test_a_model_the_tier_may_not_use_is_answered_as_not_found(cast):
@@ -140,19 +39,6 @@ def test_a_model_the_tier_may_not_use_is_answered_as_not_found(cast):
     )
     reasons = [e.reason for e in usage_events(2, endpoint="chat.completions")]
     assert reasons == ["model_not_available", "unknown_model"]
-
-
-def test_access_report_explains_refusals_without_revealing_hidden_models(cast):
-    response = httpx.get(
-        f"{cast.server.url}/v1/access",
-        headers={"Authorization": f"Bearer {cast.keys['acme-commercial']}"},
-    )
-    assert response.status_code == 200
-    report = response.json()
-    assert [(m["id"], m["allowed"], m["tier"]) for m in report["models"]] == [
-        ("atlas-lite", True, "verified_commercial")
-    ]
-    assert report["models"][0]["limits"]["requests_per_minute"] == 300
 
 
 def test_missing_verification_is_refused_with_its_reason(cast):
@@ -222,6 +108,48 @@ def test_max_tokens_above_the_tier_limit_is_refused(cast):
     with pytest.raises(openai.BadRequestError) as refused:
         cast.client().chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=5000)
     assert refused.value.code == "request_too_large"
+
+
+# --- bad keys and bad requests --------------------------------------------------------------
+
+
+def test_bad_keys_get_authentication_errors(cast):
+    for key in ("sk-not-ours", cast.keys["acme-commercial"][:-1] + "x"):
+        client = openai.OpenAI(base_url=f"{cast.server.url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.models.list()
+        assert refused.value.code == "invalid_key"
+    response = httpx.post(f"{cast.server.url}/v1/chat/completions", json={"model": "atlas-2"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_key"
+
+
+def test_bad_requests_get_clear_errors_and_are_recorded(cast):
+    url = f"{cast.server.url}/v1/chat/completions"
+    headers = {"x-api-key": cast.keys["northwind-research"]}
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (b'{"messages": []}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "max_tokens": "lots"}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "max_tokens": 0}', 400, "invalid_request"),
+        (b'{"model": "atlas-2", "messages": [], "n": 0}', 400, "invalid_request"),
+        # 30 choices of 4,096 tokens can never fit research_partner's 100,000 a minute
+        (b'{"model": "atlas-2", "messages": [], "n": 30}', 400, "request_too_large"),
+        (
+            b'{"model": "atlas-2", "x": "' + b"a" * (5 * 1024 * 1024) + b'"}',
+            413,
+            "request_too_large",
+        ),
+    ]
+    for body, status, code in cases:
+        response = httpx.post(url, content=body, headers=headers)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    assert httpx.get(url, headers=headers).status_code == 405
+    events = usage_events(len(cases), endpoint="chat.completions")
+    assert [(e.status, e.reason, e.decision) for e in events] == [
+        (status, code, "deny") for _, status, code in cases
+    ]
 
 
 # --- changes take effect at once --------------------------------------------------------------
@@ -428,185 +356,3 @@ def test_dead_redis_in_production_mode_refuses_rather_than_admits(cast):
         server.stop()
     [event] = usage_events(1, endpoint="chat.completions", status=503)
     assert event.reason == "limits_unavailable"
-
-
-# --- usage events survive -------------------------------------------------------------------
-
-
-def test_usage_events_lost_on_a_crash_are_bounded_and_none_on_shutdown(cast):
-    env = {"STAGEGATE_USAGE_FLUSH_SECONDS": "3600", "STAGEGATE_USAGE_BATCH_SIZE": "10"}
-    crashing = ProxyServer(env=env)
-    client = cast.client(server=crashing)
-    for _ in range(25):
-        client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
-    pending = crashing.health()["usage_pending"]
-    written = wait_until(
-        lambda: (n := len(usage_events(0))) + pending == 25 and n,
-        timeout=10,
-        what="the full batches to be written",
-    )
-    crashing.stop(signal.SIGKILL)
-    assert pending < 10  # what a crash loses: less than one batch
-    assert len(usage_events(0)) == written == 25 - pending
-
-    graceful = ProxyServer(env=env)
-    client = cast.client(server=graceful)
-    for _ in range(5):
-        client.chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=2)
-    assert graceful.health()["usage_pending"] == 5
-    graceful.stop(signal.SIGTERM)
-    assert len(usage_events(written + 5)) == written + 5
-
-
-# --- gateways and operations ----------------------------------------------------------------
-
-
-def test_authz_endpoint_answers_nginx_and_envoy(cast):
-    url = cast.server.url
-    key = cast.keys["northwind-research"]
-    nginx = httpx.get(
-        f"{url}/authz",
-        headers={
-            "Authorization": f"Bearer {key}",
-            "X-Original-URI": "/v1/chat/completions",
-            "X-Original-Method": "POST",
-            "X-Stagegate-Model": "atlas-2",
-        },
-    )
-    assert nginx.status_code == 200
-    assert [nginx.headers[f"x-stagegate-{h}"] for h in ("org", "tier", "stage")] == [
-        "northwind-research",
-        "research_partner",
-        "research_preview",
-    ]
-    envoy = httpx.post(f"{url}/authz/v1/models/atlas-2", headers={"x-api-key": key})
-    assert envoy.status_code == 200
-    assert envoy.headers["x-stagegate-release"] == "atlas-2"
-
-    hidden = httpx.get(
-        f"{url}/authz",
-        headers={
-            "Authorization": f"Bearer {cast.keys['acme-commercial']}",
-            "X-Stagegate-Model": "atlas-2",
-        },
-    )
-    assert (hidden.status_code, hidden.headers["x-stagegate-reason"]) == (403, "unknown_model")
-    bad = httpx.get(
-        f"{url}/authz", headers={"Authorization": "Bearer sk-nope", "X-Stagegate-Model": "atlas-2"}
-    )
-    assert (bad.status_code, bad.headers["x-stagegate-reason"]) == (401, "invalid_key")
-
-
-def test_bad_keys_get_authentication_errors(cast):
-    for key in ("sk-not-ours", cast.keys["acme-commercial"][:-1] + "x"):
-        client = openai.OpenAI(base_url=f"{cast.server.url}/v1", api_key=key, max_retries=0)
-        with pytest.raises(openai.AuthenticationError) as refused:
-            client.models.list()
-        assert refused.value.code == "invalid_key"
-    response = httpx.post(f"{cast.server.url}/v1/chat/completions", json={"model": "atlas-2"})
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_key"
-
-
-def test_bad_requests_get_clear_errors_and_are_recorded(cast):
-    url = f"{cast.server.url}/v1/chat/completions"
-    headers = {"x-api-key": cast.keys["northwind-research"]}
-    cases = [
-        (b"{not json", 400, "invalid_json"),
-        (b"[1, 2]", 400, "invalid_request"),
-        (b'{"messages": []}', 400, "invalid_request"),
-        (b'{"model": "atlas-2", "messages": [], "max_tokens": "lots"}', 400, "invalid_request"),
-        (b'{"model": "atlas-2", "messages": [], "max_tokens": 0}', 400, "invalid_request"),
-        (b'{"model": "atlas-2", "messages": [], "n": 0}', 400, "invalid_request"),
-        # 30 choices of 4,096 tokens can never fit research_partner's 100,000 a minute
-        (b'{"model": "atlas-2", "messages": [], "n": 30}', 400, "request_too_large"),
-        (
-            b'{"model": "atlas-2", "x": "' + b"a" * (5 * 1024 * 1024) + b'"}',
-            413,
-            "request_too_large",
-        ),
-    ]
-    for body, status, code in cases:
-        response = httpx.post(url, content=body, headers=headers)
-        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
-    assert httpx.get(url, headers=headers).status_code == 405
-    events = usage_events(len(cases), endpoint="chat.completions")
-    assert [(e.status, e.reason, e.decision) for e in events] == [
-        (status, code, "deny") for _, status, code in cases
-    ]
-
-
-def test_metrics_need_the_token_and_count_decisions(cast):
-    cast.client().chat.completions.create(model="atlas-2", messages=HELLO)
-    assert httpx.get(f"{cast.server.url}/metrics").status_code == 401
-    scraped = httpx.get(
-        f"{cast.server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
-    )
-    assert scraped.status_code == 200
-    assert re.search(
-        r'stagegate_proxy_requests_total\{endpoint="chat.completions",reason="ok",'
-        r'release="atlas-2",stage="research_preview",tier="research_partner"\} [1-9]',
-        scraped.text,
-    )
-
-
-@pytest.mark.skipif(
-    "not __import__('os').environ.get('REDIS_URL')",
-    reason="several workers share limits through Redis (the CI run with REDIS_URL)",
-)
-def test_two_workers_share_metrics_and_both_refuse_a_revoked_key_within_one_second(cast):
-    server = ProxyServer(workers=2)
-    try:
-        workers: dict[str, int] = {}  # request id prefix (one per worker) -> requests served
-        while len(workers) < 2 or sum(workers.values()) < 12:  # new connection each time
-            response = httpx.post(
-                f"{server.url}/v1/chat/completions",
-                json={"model": "atlas-2", "messages": HELLO, "max_tokens": 2},
-                headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
-            )
-            assert response.status_code == 200
-            prefix = response.headers["x-request-id"][4:16]
-            workers[prefix] = workers.get(prefix, 0) + 1
-            assert sum(workers.values()) < 200, "one worker served every request"
-        served = sum(workers.values())
-        pids = set()
-        for _ in range(200):  # the kernel picks the worker; ask until both have answered
-            pids.add(httpx.get(f"{server.url}/healthz").json()["pid"])
-            if len(pids) == 2:
-                break
-        scrapes = {
-            re.search(
-                r'stagegate_proxy_requests_total\{endpoint="chat.completions",reason="ok",'
-                r'release="atlas-2",stage="research_preview",tier="research_partner"\} (\S+)',
-                httpx.get(
-                    f"{server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
-                ).text,
-            ).group(1)
-            for _ in range(6)
-        }
-        revoke_key(
-            api_key=ApiKey.objects.get(organization__slug="northwind-research"),
-            actor=None,
-            reason="test",
-        )
-        time.sleep(1.0)  # the guarantee: within a second, on every worker
-        refusals = []
-        for _ in range(200):  # until both workers (request id prefixes) have answered
-            refusals.append(
-                httpx.post(
-                    f"{server.url}/v1/chat/completions",
-                    json={"model": "atlas-2", "messages": HELLO},
-                    headers={"Authorization": f"Bearer {cast.keys['northwind-research']}"},
-                )
-            )
-            served_by = {r.headers["x-request-id"][4:16] for r in refusals}
-            if len(served_by) == 2 and len(refusals) >= 20:
-                break
-    finally:
-        server.stop()
-    assert len(pids) == 2
-    # Neither worker served them all, yet every scrape, whichever worker answers it,
-    # counts every request.
-    assert scrapes == {f"{served}.0"}
-    assert len(served_by) == 2
-    assert {(r.status_code, r.json()["error"]["code"]) for r in refusals} == {(401, "key_revoked")}

@@ -1,0 +1,331 @@
+"""What every proxy route shares.
+
+- the error shape (``error_body``) and ``HTTPError``, a refusal answered before a
+  decision could be made;
+- ``Call``, what is known about one request as it goes through;
+- answering (``respond``, ``refuse``);
+- the snapshot (``current_snapshot``: 503 when the policy store is unreachable) and
+  the key a request presents (``presented_key``, ``authenticate``);
+- ``decide_for``, the one way a route asks ``access.decisions.decide``;
+- the rate limits (``take_limit``, ``over_limit``);
+- ``record_usage``, the usage event and metrics every request leaves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import time
+
+import orjson
+
+from access.decisions import (
+    Decision,
+    KeyEntry,
+    OrgEntry,
+    Reason,
+    ReleaseEntry,
+    RequestInfo,
+    decide,
+    key_refusal,
+)
+from access.keys import KeyFormatError, parse_key
+from access.ratelimits import (
+    LimiterUnavailable,
+    LimitResult,
+    LocalLimiter,
+    RedisLimiter,
+    Reservation,
+)
+from access.snapshot import Snapshot, SnapshotStore
+from monitoring import metrics
+from monitoring.usage import UsageRecorder, clean_text
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    500: "api_error",
+    504: "upstream_timeout",
+}
+JSON = (b"content-type", b"application/json")
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
+    """OpenAI's error shape; the official client reads message, type and code."""
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": ERROR_TYPES.get(status, "api_error"),
+                "param": param,
+                "code": code,
+            }
+        }
+    )
+
+
+class HTTPError(Exception):
+    """A refusal answered before a decision could be made (bad body, 503, ...)."""
+
+    def __init__(self, status: int, code: str, message: str, headers=()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+# Request ids: unique per process start and worker, without a syscall per request.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+class Call:
+    """What is known about one request as it goes through; becomes a usage event."""
+
+    __slots__ = (
+        "client_disconnected",
+        "code",
+        "completion_tokens",
+        "decision",
+        "endpoint",
+        "error",
+        "flagged",
+        "key",
+        "model",
+        "org",
+        "prompt_tokens",
+        "request_id",
+        "reservation",
+        "started",
+        "status",
+        "streamed",
+        "upstream_seconds",
+        "usage_reported",
+        "wall",
+    )
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.wall = time.time()
+        self.request_id = f"req_{_ID_PREFIX}{next(_ID_COUNTER):x}"
+        self.key: KeyEntry | None = None
+        self.org: OrgEntry | None = None
+        self.model = ""
+        self.decision: Decision | None = None
+        self.code = ""  # the refusal code when no decision was reached (503, bad body)
+        self.status = 0
+        self.error = ""
+        self.streamed = False
+        self.client_disconnected = False
+        self.flagged = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.usage_reported = False  # the upstream said how many tokens it used
+        self.reservation: Reservation | None = None  # tokens held until the call ends
+        self.upstream_seconds: float | None = None
+
+
+# --- answering ------------------------------------------------------------------------------
+
+
+async def respond(send, status: int, body: bytes, headers=(), content_type=JSON) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [content_type, (b"content-length", b"%d" % len(body)), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(send, call: Call, decision: Decision, headers=()) -> None:
+    """Answer a refusal; the caller records the call."""
+    call.decision = decision
+    call.status = decision.status
+    await respond(
+        send,
+        call.status,
+        error_body(call.status, decision.public_reason.value, decision.message),
+        [(b"x-request-id", call.request_id.encode()), *headers],
+    )
+
+
+# --- the snapshot, the key and the decision ---------------------------------------------------
+
+
+def current_snapshot(store: SnapshotStore) -> Snapshot:
+    """The snapshot to decide from, or a 503: never a guess from a stale one."""
+    snapshot = store.current()
+    if snapshot is None:
+        metrics.UNAVAILABLE.labels("policy").inc()
+        raise HTTPError(
+            503,
+            "policy_store_unavailable",
+            "Stagegate cannot reach its key and policy store; refusing rather than"
+            " guessing. Try again shortly.",
+        )
+    return snapshot
+
+
+def presented_key(scope, snapshot: Snapshot) -> KeyEntry | None:
+    """The key presented as ``Authorization: Bearer`` or ``x-api-key``, if genuine."""
+    raw = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                raw = token.strip()
+            break
+        if name == b"x-api-key":
+            raw = value.strip()
+    if not raw:
+        return None
+    try:
+        text = raw.decode("ascii")
+        key_id = parse_key(text)
+    except (UnicodeDecodeError, KeyFormatError):
+        return None
+    entry = snapshot.keys.get(key_id)
+    if entry is None:
+        return None
+    if not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), entry.digest):
+        return None
+    return entry
+
+
+async def authenticate(
+    store: SnapshotStore, scope, send, call: Call
+) -> tuple[Snapshot, KeyEntry] | None:
+    """The snapshot and a usable key, or None after answering the refusal."""
+    snapshot = current_snapshot(store)
+    key = call.key = presented_key(scope, snapshot)
+    refused = key_refusal(key, time.time())
+    if refused is not None:
+        await refuse(send, call, refused)
+        return None
+    call.org = snapshot.orgs.get(key.org_id)
+    return snapshot, key
+
+
+def decide_for(
+    snapshot: Snapshot,
+    key: KeyEntry | None,
+    org: OrgEntry | None,
+    model: str,
+    request: RequestInfo,
+    now: float,
+) -> tuple[ReleaseEntry | None, Decision]:
+    """The release called ``model`` (None if there is none) and the decision for this
+    key to make ``request`` to it: how every route asks ``decide``."""
+    release = snapshot.releases.get(model)
+    return release, decide(key=key, org=org, release=release, model=model, request=request, now=now)
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+async def take_limit(
+    limiter: LocalLimiter | RedisLimiter, call: Call, release: ReleaseEntry, tokens: int
+) -> LimitResult:
+    """Count the call against its organization's limits on ``release``, reserving
+    ``tokens``; a 503 if the limits cannot be reached (never admit without them)."""
+    try:
+        return await limiter.acquire(
+            f"{release.name}:{call.org.public_id}", call.decision.limits, tokens, time.time()
+        )
+    except LimiterUnavailable as exc:
+        metrics.UNAVAILABLE.labels("limits").inc()
+        log.warning("%s", exc)
+        raise HTTPError(
+            503,
+            "limits_unavailable",
+            "Stagegate cannot reach its rate-limit store; refusing rather than admitting"
+            " without limits. Try again shortly.",
+        ) from None
+
+
+def over_limit(call: Call, limited: LimitResult) -> Decision:
+    """The refusal for a request a limit stopped, naming the limit (and counted)."""
+    decision = call.decision
+    name = limited.limit_name
+    metrics.RATE_LIMITED.labels(call.model, decision.tier, name).inc()
+    return Decision(
+        Reason(limited.reason),
+        f"{name} limit of {getattr(decision.limits, name)} reached for your organization"
+        f" on '{call.model}' (tier {decision.tier}, stage '{decision.stage}');"
+        f" retry after {limited.retry_after} s.",
+        tier=decision.tier,
+        stage=decision.stage,
+        limits=decision.limits,
+    )
+
+
+# --- the record -------------------------------------------------------------------------------
+
+
+def record_usage(recorder: UsageRecorder, call: Call) -> None:
+    """The call's usage event and metrics: how every request, however it ended, is counted."""
+    decision = call.decision
+    if call.code:  # refused outside the decision: bad body, a store unreachable (503)
+        reason, verdict = call.code, "deny"
+    elif decision is not None:  # (an upstream failure keeps its allow, with .error set)
+        reason = decision.reason.value
+        verdict = "allow" if decision.allowed else "deny"
+    else:  # a listing that succeeded
+        reason, verdict = "ok", "allow"
+    stage = (decision.stage or "") if decision else ""
+    tier = (decision.tier or "") if decision else ""
+    # The name asked for is the client's text: stored only once it is safe to store.
+    model = clean_text(call.model, 63)
+    # Metrics label only releases that exist: a client-chosen name would let anyone
+    # grow the series without bound. The usage event keeps the name asked for.
+    release = model if stage else ""
+    elapsed = time.perf_counter() - call.started
+    recorder.record(
+        (
+            call.wall,
+            call.request_id,
+            call.org.public_id if call.org else "",
+            call.key.public_id if call.key else "",
+            tier,
+            model,
+            stage,
+            call.endpoint,
+            verdict,
+            reason,
+            call.status,
+            call.error,
+            call.streamed,
+            call.client_disconnected,
+            call.flagged,
+            call.prompt_tokens,
+            call.completion_tokens,
+            elapsed * 1000,
+            None if call.upstream_seconds is None else call.upstream_seconds * 1000,
+        )
+    )
+    child = metrics.child
+    child(metrics.REQUESTS, release, stage, tier, call.endpoint, reason).inc()
+    child(metrics.REQUEST_LATENCY, call.endpoint).observe(elapsed)
+    if call.upstream_seconds is not None:
+        child(metrics.UPSTREAM_LATENCY, release).observe(call.upstream_seconds)
+    if call.error:
+        child(metrics.UPSTREAM_ERRORS, release, call.error).inc()
+    if call.prompt_tokens or call.completion_tokens:
+        child(metrics.TOKENS, release, tier, "prompt").inc(call.prompt_tokens)
+        child(metrics.TOKENS, release, tier, "completion").inc(call.completion_tokens)
