@@ -268,7 +268,7 @@ STAGEGATE_ROTATION_GRACE_HOURS = env_int("STAGEGATE_ROTATION_GRACE_HOURS", 24, m
 # last_used on an API key is written at most this often.
 STAGEGATE_KEY_LAST_USED_INTERVAL = env_int("STAGEGATE_KEY_LAST_USED_INTERVAL", 60, minimum=1)
 
-# The inference proxy (access/proxy.py). Seconds unless named otherwise.
+# The inference proxy (access/proxy/). Seconds unless named otherwise.
 # How often each worker checks for changes; a revocation or pause lands within this.
 STAGEGATE_PROXY_POLL_INTERVAL = env_float("STAGEGATE_PROXY_POLL_INTERVAL", 0.25, minimum=0.01)
 # Reload everything this often even when nothing seems to have changed.
