@@ -34,6 +34,7 @@ from rollout.models import (
 from rollout.plan_schema import severity_at_least
 from rollout.plans import plan_doc
 from rollout.reviews import open_incidents
+from stagegate.celery import enqueue
 from stagegate.errors import Refused
 from stagegate.roles import REVIEWER, is_rollout_admin, staff_roles
 
@@ -126,10 +127,8 @@ def _transition(
             **(data or {}),
         },
     )
-    from rollout.tasks import notify_transition
-    from stagegate.celery import enqueue
-
-    enqueue(notify_transition, transition_id=transition.public_id)
+    # By name: rollout.tasks imports the tripwires, which import this module.
+    enqueue("stagegate.notify_transition", transition_id=transition.public_id)
     return transition
 
 

@@ -52,11 +52,27 @@ def _schedule(sender: Celery, **_kwargs) -> None:
     sender.conf.beat_schedule = beat_schedule()
 
 
-def enqueue(task, **kwargs) -> None:
-    """Run ``task(**kwargs)`` once the current transaction commits: on a Celery worker
-    when Celery is the scheduler, otherwise right here. If the broker cannot take it,
-    it runs here too, so the work is not lost with the message."""
+def registered_task(name: str):
+    """The task registered as ``name`` (its ``name=``), every app's ``tasks`` module
+    imported first if it is not registered yet; KeyError if no task has that name."""
+    if name not in app.tasks:
+        app.loader.import_default_modules()
+    return app.tasks[name]
+
+
+def enqueue(task_name: str, **kwargs) -> None:
+    """Run the task registered as ``task_name`` with ``kwargs`` once the current
+    transaction commits: on a Celery worker when Celery is the scheduler, otherwise
+    right here. If the broker cannot take it, it runs here too, so the work is not lost
+    with the message.
+
+    The task is named, as the schedule names its tasks, not imported: a service may
+    enqueue work whose ``tasks`` module imports that service (``rollout.transitions``
+    enqueues ``stagegate.notify_transition``; ``rollout.tasks`` runs the tripwires,
+    which call transitions). An unknown name raises here, inside the transaction."""
     from django.conf import settings
+
+    task = registered_task(task_name)
 
     def send() -> None:
         if settings.STAGEGATE_SCHEDULER == "celery":
