@@ -1,3 +1,12 @@
+"""``manage.py seed_demo``: an empty database filled with the demo world (staff users,
+organizations with their members, verifications and keys, atlas-2 on the example plan,
+and a week of usage history with its reviews and stages).
+
+It lives in ``access``, the app that may import the others (access -> rollout ->
+monitoring, docs/architecture.md), because it creates organizations and keys as much
+as releases; in ``rollout`` it was the one place rollout imported access.
+"""
+
 import json
 import os
 import secrets

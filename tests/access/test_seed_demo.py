@@ -13,10 +13,10 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from access.keys import authenticate_key
+from access.management.commands.seed_demo import DEMO_ORGS, org_admin_username
 from access.models import ApiKey, Organization
 from access.tier_changes import effective_tiers_by_release
 from monitoring.models import UsageEvent, UsageRollup
-from rollout.management.commands.seed_demo import DEMO_ORGS, org_admin_username
 from rollout.models import Release, Review, StageTransition
 from rollout.reviews import evaluate
 from stagegate.roles import admin_org_ids, staff_roles
