@@ -138,12 +138,14 @@ def _outcome(limits: TierLimits, requests: int, minute_tokens: int, day_tokens: 
 
 # KEYS[1]: the minute hash {r: requests, t: tokens}; KEYS[2]: the day's token counter;
 # KEYS[3]: the marker {id, lost: the minute the counters were lost in, or -1}.
-# ARGV: rpm, tpm, tpd, tokens to reserve, minute TTL, day TTL, the current minute,
-# the marker id this worker last saw ('' if none within MARKER_TTL), an id for a new
-# marker, MARKER_TTL.
-# Returns {outcome, requests, minute tokens, day tokens, marker id, 1 if this call
-# found the counters lost} after the reservation.
-ACQUIRE_LUA = """
+# ARGV: rpm, tpm, tpd, requests needed (0 or 1), minute TTL, day TTL, the current
+# minute, the marker id this worker last saw ('' if none within MARKER_TTL), an id for
+# a new marker, MARKER_TTL, minute tokens needed, day tokens needed, the lease share
+# (a lease takes at most 1/share of what remains), the most requests a lease may add.
+# Counts the grant (what was needed plus a share of what remains) and returns
+# {outcome, requests, minute tokens, day tokens, marker id, 1 if this call found the
+# counters lost, requests granted, minute tokens granted, day tokens granted}.
+LEASE_LUA = """
 local minute = tonumber(ARGV[7])
 local known = ARGV[8]
 local id = redis.call('HGET', KEYS[3], 'id')
@@ -161,28 +163,45 @@ elseif known ~= '' and id ~= known and lost < 0 then
   redis.call('HSET', KEYS[3], 'lost', lost)
 end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
+local rpm, tpm, tpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
 local d = tonumber(redis.call('GET', KEYS[2]) or '0')
-local tokens = tonumber(ARGV[4])
-if lost == minute then return {1, tonumber(ARGV[1]), t, d, id, found} end
-if r + 1 > tonumber(ARGV[1]) then return {1, r, t, d, id, found} end
-if t + tokens > tonumber(ARGV[2]) then return {2, r, t, d, id, found} end
-if d + tokens > tonumber(ARGV[3]) then return {3, r, t, d, id, found} end
-r = redis.call('HINCRBY', KEYS[1], 'r', 1)
-t = redis.call('HINCRBY', KEYS[1], 't', tokens)
+local need_r, need_t, need_d = tonumber(ARGV[4]), tonumber(ARGV[11]), tonumber(ARGV[12])
+if lost == minute then return {1, rpm, t, d, id, found, 0, 0, 0} end
+if r + need_r > rpm then return {1, r, t, d, id, found, 0, 0, 0} end
+if t + need_t > tpm then return {2, r, t, d, id, found, 0, 0, 0} end
+if d + need_d > tpd then return {3, r, t, d, id, found, 0, 0, 0} end
+local share = tonumber(ARGV[13])
+local extra_t = math.floor((tpm - t - need_t) / share)
+local grant_r = need_r + math.min(tonumber(ARGV[14]), math.floor((rpm - r - need_r) / share))
+local grant_t = need_t + extra_t
+local grant_d = need_d + math.min(extra_t, math.floor((tpd - d - need_d) / share))
+r = redis.call('HINCRBY', KEYS[1], 'r', grant_r)
+t = redis.call('HINCRBY', KEYS[1], 't', grant_t)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-d = redis.call('INCRBY', KEYS[2], tokens)
+d = redis.call('INCRBY', KEYS[2], grant_d)
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {0, r, t, d, id, found}
+return {0, r, t, d, id, found, grant_r, grant_t, grant_d}
 """
 
-# Settle a reservation with the real usage: add ARGV[1] (may be negative) to the
-# windows it was taken from, only if they still exist, so no key lives without a TTL.
-SETTLE_LUA = """
-local delta = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 't', delta) end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
+# Give back what leases hold beyond need (or owe: negative numbers). Two keys per lease,
+# the minute hash and the day counter it was granted from, and three numbers: requests,
+# minute tokens, day tokens, subtracted only from windows that still exist, so no key
+# lives without a TTL.
+RETURN_LUA = """
+for i = 1, #KEYS / 2 do
+  local minute_key, day_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local requests = tonumber(ARGV[3 * i - 2])
+  local minute_tokens, day_tokens = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  if redis.call('EXISTS', minute_key) == 1 then
+    if requests ~= 0 then redis.call('HINCRBY', minute_key, 'r', -requests) end
+    if minute_tokens ~= 0 then redis.call('HINCRBY', minute_key, 't', -minute_tokens) end
+  end
+  if day_tokens ~= 0 and redis.call('EXISTS', day_key) == 1 then
+    redis.call('INCRBY', day_key, -day_tokens)
+  end
+end
 return 1
 """
 
@@ -228,13 +247,75 @@ def _nothing() -> None:
     return None
 
 
+# A lease takes at most this share of what remains in a window (1/8), and at most this
+# many requests: near a limit leases shrink to exactly what one request needs.
+LEASE_SHARE = 8
+LEASE_MAX_REQUESTS = 64
+# How often a worker gives back the tokens its leases hold beyond one grant's worth
+# (settled reservations return tokens to the lease that reserved them).
+LEASE_RETURN_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class _Lease:
+    """What one worker may still spend in one scope's windows without asking Redis:
+    requests and tokens granted to it and counted there, less what it spent. Token
+    counts go negative when calls used more than they reserved (owed at the next grant
+    or return)."""
+
+    scope: str
+    minute: int
+    day: int
+    limits: tuple[int, int, int]
+    requests: int = 0
+    tokens: int = 0
+    day_tokens: int = 0
+    # Redis's counters after this worker's last grant (what the headers report from).
+    counted: tuple[int, int, int] = (0, 0, 0)
+    # Tokens kept back from a return: the size of the last grant.
+    keep_tokens: int = 0
+    keep_day_tokens: int = 0
+
+
+def _spend(lease: _Lease, limits: TierLimits, tokens: int, now: float) -> LimitResult:
+    """Admit one request of ``tokens`` from the lease (the caller checked it holds them)."""
+    lease.requests -= 1
+    lease.tokens -= tokens
+    lease.day_tokens -= tokens
+    requests, minute_tokens, day_tokens = lease.counted
+    return LimitResult(
+        ALLOWED,
+        limits,
+        requests - lease.requests,
+        minute_tokens - lease.tokens,
+        day_tokens - lease.day_tokens,
+        now,
+        Reservation(lease.scope, lease.minute, lease.day, tokens),
+    )
+
+
 class RedisLimiter:
-    """Limits shared by every worker, one atomic script per check.
+    """Limits shared by every worker through quota leases counted in Redis.
+
+    A request is admitted from this worker's lease for its scope when the lease holds
+    a request and the tokens it reserves; otherwise one atomic script checks the shared
+    windows and grants a new lease: what the request needs plus 1/LEASE_SHARE of what
+    remains (at most LEASE_MAX_REQUESTS requests). Grants are counted in Redis before
+    they are spent, so the sum over workers never exceeds a limit. Settling a call is
+    local (its unused tokens go back to the lease), and once a second the tokens leases
+    hold beyond one grant go back to Redis for every worker to use.
+
+    Accuracy: with one worker every decision is the one a single counter would make.
+    With several, a request may be refused while another worker still holds granted,
+    unspent budget: at most one grant per worker (1/LEASE_SHARE of what remained when
+    it was taken), plus up to LEASE_RETURN_INTERVAL of settled tokens. A killed worker's
+    unspent lease is lost until its window ends (a graceful stop gives it back).
 
     At most as many scripts run at once as the client's pool has connections; other
     callers wait in arrival order, up to ``pool_timeout`` seconds, then get
-    LimiterUnavailable. ``on_counters_lost`` is called when this worker is the one
-    that noticed the counters were lost."""
+    LimiterUnavailable. Callers in one worker needing a grant for the same scope wait
+    for the one grant in flight, then spend from it. ``on_counters_lost`` is called when
+    this worker is the one that noticed the counters were lost."""
 
     def __init__(
         self,
@@ -243,6 +324,7 @@ class RedisLimiter:
         prefix: str = "sg:rl:",
         pool_timeout: float = 2.0,
         on_counters_lost: Callable[[], object] = _nothing,
+        return_interval: float = LEASE_RETURN_INTERVAL,
     ) -> None:
         self.client = client  # a redis.asyncio.Redis
         self.prefix = prefix
@@ -253,13 +335,19 @@ class RedisLimiter:
         # as the pool queues callers in arrival order instead (longest wait 0.15 s).
         self._turns = asyncio.Semaphore(client.connection_pool.max_connections)
         self._pool_timeout = pool_timeout
-        self._acquire = client.register_script(ACQUIRE_LUA)
-        self._settle = client.register_script(SETTLE_LUA)
+        self._lease_script = client.register_script(LEASE_LUA)
+        self._return_script = client.register_script(RETURN_LUA)
         self._marker_key = f"{prefix}marker"
         self._new_marker_id = uuid.uuid4().hex  # the script appends the minute
         self._marker_id: bytes = b""
         self._marker_seen = -math.inf
         self._on_counters_lost = on_counters_lost
+        self._leases: dict[str, _Lease] = {}
+        self._retired: list[_Lease] = []  # replaced leases, to give back whole
+        self._granting: dict[str, asyncio.Future] = {}
+        self._return_interval = return_interval
+        self._returner: asyncio.Task | None = None
+        self._now = 0.0  # the latest time a caller asked at (the windows returns go to)
 
     @classmethod
     def from_settings(cls) -> RedisLimiter:
@@ -277,25 +365,90 @@ class RedisLimiter:
             on_counters_lost=metrics.LIMIT_COUNTERS_LOST.inc,
         )
 
+    def _lease(self, scope: str, limits: TierLimits, minute: int, day: int) -> _Lease:
+        """The scope's lease for these windows and limits: a new, empty one when the
+        minute or the limits changed (the day's tokens carry into a new minute of the
+        same day; a lease replaced for new limits or a new day is given back whole). A
+        caller that waited into a newer minute spends from the newer lease."""
+        key = (limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day)
+        lease = self._leases.get(scope)
+        if lease is not None and lease.minute >= minute and lease.limits == key:
+            return lease
+        fresh = _Lease(scope, minute, day, key)
+        if lease is not None:
+            if lease.limits == key and lease.day == day:
+                fresh.day_tokens = lease.day_tokens
+                fresh.keep_day_tokens = lease.keep_day_tokens
+                fresh.counted = (0, 0, lease.counted[2])
+            else:
+                self._retired.append(lease)
+        self._leases[scope] = fresh
+        if self._returner is None:
+            self._returner = asyncio.get_running_loop().create_task(self._return_loop())
+        return fresh
+
     async def acquire(self, scope: str, limits: TierLimits, tokens: int, now: float) -> LimitResult:
         minute, day = _windows(now)
+        if now > self._now:
+            self._now = now
+        while True:
+            lease = self._lease(scope, limits, minute, day)
+            if lease.requests >= 1 and lease.tokens >= tokens and lease.day_tokens >= tokens:
+                return _spend(lease, limits, tokens, now)
+            pending = self._granting.get(scope)
+            if pending is not None:  # another caller is asking: spend from its grant, or ask
+                await pending
+                continue
+            done = asyncio.get_running_loop().create_future()
+            self._granting[scope] = done
+            try:
+                outcome, counted = await self._grant(lease, limits, tokens, now)
+            finally:
+                del self._granting[scope]
+                done.set_result(None)
+            if outcome == ALLOWED:
+                continue  # spend from the grant (asked again if the lease was replaced)
+            requests, minute_tokens, day_tokens = counted
+            return LimitResult(
+                outcome,
+                limits,
+                requests - lease.requests,
+                minute_tokens - lease.tokens,
+                day_tokens - lease.day_tokens,
+                now,
+                None,
+            )
+
+    async def _grant(self, lease: _Lease, limits: TierLimits, tokens: int, now: float):
+        """Ask Redis for what ``lease`` lacks for one request of ``tokens``, plus a share
+        of what remains; add the grant to the scope's lease. Returns the outcome and
+        Redis's counters after it."""
+        scope, minute, day = lease.scope, lease.minute, lease.day
         known = self._marker_id if now - self._marker_seen < MARKER_TTL else b""
-        outcome, requests, minute_tokens, day_tokens, marker_id, found = await self._run(
-            self._acquire,
+        need_requests = 1 if lease.requests < 1 else 0
+        need_tokens = max(0, tokens - lease.tokens)
+        need_day = max(0, tokens - lease.day_tokens)
+        result = await self._run(
+            self._lease_script,
             keys=[*_keys(self.prefix, scope, minute, day), self._marker_key],
             args=[
                 limits.requests_per_minute,
                 limits.tokens_per_minute,
                 limits.tokens_per_day,
-                tokens,
+                need_requests,
                 MINUTE * 2,
                 DAY + MINUTE,
                 minute,
                 known,
                 self._new_marker_id,
                 MARKER_TTL,
+                need_tokens,
+                need_day,
+                LEASE_SHARE,
+                LEASE_MAX_REQUESTS,
             ],
         )
+        outcome, requests, minute_tokens, day_tokens, marker_id, found, *granted = result
         self._marker_id, self._marker_seen = marker_id, now
         if found:
             self._on_counters_lost()
@@ -303,19 +456,86 @@ class RedisLimiter:
                 "the rate-limit counters in Redis were lost (restarted without persistence,"
                 " flushed or failed over): refusing every request until the end of this minute"
             )
-        reservation = Reservation(scope, minute, day, tokens) if outcome == ALLOWED else None
-        return LimitResult(outcome, limits, requests, minute_tokens, day_tokens, now, reservation)
+        counted = (requests, minute_tokens, day_tokens)
+        if outcome == ALLOWED:
+            if self._leases.get(scope) is lease:
+                grant_requests, grant_tokens, grant_day = granted
+                lease.requests += grant_requests
+                lease.tokens += grant_tokens
+                lease.day_tokens += grant_day
+                lease.counted = counted
+                lease.keep_tokens, lease.keep_day_tokens = grant_tokens, grant_day
+            else:  # the lease was replaced while Redis answered: give the grant back whole
+                self._retired.append(_Lease(scope, minute, day, lease.limits, *granted))
+        return outcome, counted
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
-        """Raises LimiterUnavailable when Redis cannot be reached; the reservation then
-        stands, as reserved, until its window ends (the proxy counts it)."""
-        delta = used_tokens - reservation.tokens
-        if delta:
+        """The tokens a call reserved and did not use go back to the lease they came
+        from, without Redis. Tokens used beyond the reservation are taken from the lease,
+        and what it cannot cover is counted in Redis at once (raises LimiterUnavailable
+        if it cannot be: the overrun is then not counted)."""
+        delta = reservation.tokens - used_tokens
+        lease = self._leases.get(reservation.scope)
+        if not delta or lease is None:
+            return
+        if lease.minute == reservation.minute:
+            lease.tokens += delta
+        if lease.day == reservation.day:
+            lease.day_tokens += delta
+        if lease.tokens < 0 or lease.day_tokens < 0:  # owed: count it now, for every worker
+            owed_tokens, owed_day = min(0, lease.tokens), min(0, lease.day_tokens)
+            lease.tokens -= owed_tokens
+            lease.day_tokens -= owed_day
+            requests, minute_tokens, day_tokens = lease.counted
+            lease.counted = (requests, minute_tokens - owed_tokens, day_tokens - owed_day)
             await self._run(
-                self._settle,
-                keys=_keys(self.prefix, reservation.scope, reservation.minute, reservation.day),
-                args=[delta],
+                self._return_script,
+                keys=_keys(self.prefix, lease.scope, lease.minute, lease.day),
+                args=[0, owed_tokens, owed_day],
             )
+
+    async def give_back(self, everything: bool = False) -> None:
+        """Return to Redis the tokens leases hold beyond one grant's worth (with
+        ``everything``, all they hold, requests too), and settle what they owe, in one
+        script call. Raises LimiterUnavailable; what was being returned is then lost
+        until its window ends (refusing early, never admitting more)."""
+        minute, day = _windows(self._now)
+        returns = [(old, old.requests, old.tokens, old.day_tokens) for old in self._retired]
+        self._retired = []
+        for scope, lease in list(self._leases.items()):
+            if lease.day < day:  # nothing it holds counts any more
+                del self._leases[scope]
+                continue
+            current = lease.minute >= minute
+            returns.append(
+                (
+                    lease,
+                    lease.requests if everything and current else 0,
+                    _excess(lease.tokens, 0 if everything else lease.keep_tokens) if current else 0,
+                    _excess(lease.day_tokens, 0 if everything else lease.keep_day_tokens),
+                )
+            )
+        keys, args = [], []
+        for lease, requests, tokens, day_tokens in returns:
+            if not (requests or tokens or day_tokens):
+                continue
+            lease.requests -= requests
+            lease.tokens -= tokens
+            lease.day_tokens -= day_tokens
+            counted = lease.counted
+            lease.counted = (counted[0] - requests, counted[1] - tokens, counted[2] - day_tokens)
+            keys += _keys(self.prefix, lease.scope, lease.minute, lease.day)
+            args += [requests, tokens, day_tokens]
+        if keys:
+            await self._run(self._return_script, keys=keys, args=args)
+
+    async def _return_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._return_interval)
+            try:
+                await self.give_back()
+            except LimiterUnavailable as exc:
+                log.warning("could not give unused rate-limit leases back: %s", exc)
 
     async def _run(self, script, *, keys: list[str], args: list):
         """Run ``script`` when a connection is this caller's turn; LimiterUnavailable if
@@ -335,7 +555,23 @@ class RedisLimiter:
             self._turns.release()
 
     async def close(self) -> None:
+        """Give every lease back (a graceful stop wastes nothing), then disconnect."""
+        if self._returner is not None:
+            self._returner.cancel()
+            self._returner = None
+        try:
+            await self.give_back(everything=True)
+        except LimiterUnavailable as exc:
+            log.warning("could not give rate-limit leases back on close: %s", exc)
         await self.client.aclose()
+
+
+def _excess(held: int, keep: int) -> int:
+    """What a lease holding ``held`` tokens gives back keeping ``keep``: the surplus, or
+    all it owes when negative."""
+    if held > keep:
+        return held - keep
+    return held if held < 0 else 0
 
 
 class LocalLimiter:
