@@ -141,8 +141,7 @@ def revoke_key(*, api_key: ApiKey, actor, reason: str = "") -> ApiKey:
             return api_key
         api_key.revoked_at = timezone.now()
         api_key.revoked_reason = reason[:200]
-        api_key.version += 1
-        api_key.save(update_fields=["revoked_at", "revoked_reason", "version"])
+        api_key.save(update_fields=["revoked_at", "revoked_reason"])
         audit.record(
             "key.revoked",
             actor=actor,
@@ -180,8 +179,7 @@ def rotate_key(*, api_key: ApiKey, actor, grace: timedelta) -> IssuedKey:
         grace_end = now + grace
         if old.expires_at is None or grace_end < old.expires_at:
             old.expires_at = grace_end
-        old.version += 1
-        old.save(update_fields=["expires_at", "version"])
+        old.save(update_fields=["expires_at"])
         audit.record(
             "key.rotated",
             actor=actor,

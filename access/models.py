@@ -158,8 +158,6 @@ class ApiKey(models.Model):
     rotated_from = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotated_to"
     )
-    # Bumped on every change that affects access, so caches can tell a stale copy.
-    version = models.PositiveIntegerField(default=1)
 
     class Meta:
         ordering = ["organization_id", "-created_at"]

@@ -59,7 +59,6 @@ class ReleaseAdmin(RoleAccess, AuditedModelAdmin):
         "state",
         "active_plan",
         "stage_entered_at",
-        "version",
     )
 
     write_roles = frozenset({ROLLOUT_ADMIN})

@@ -38,8 +38,6 @@ class Release(models.Model):
         "RolloutPlan", null=True, on_delete=models.PROTECT, related_name="+"
     )
     stage_entered_at = models.DateTimeField()
-    # Bumped on every change that affects access, so caches can tell a stale copy.
-    version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

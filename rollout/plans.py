@@ -131,7 +131,6 @@ def apply_plan(
         release.description = doc.description
         release.upstream_base_url = str(doc.upstream.base_url)
         release.upstream_model = doc.upstream.model
-        release.version += 1
         release.save()
         audit.record(
             "plan.applied",

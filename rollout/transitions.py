@@ -1,9 +1,9 @@
 """Changing a release's stage or state: approvals and advance, roll back, pause, resume.
 
 Every change here is one transaction that holds the release's row lock, writes the
-``StageTransition`` and its audit row, and bumps ``Release.version``. The audit row
-is what tells every proxy worker to reload the release (``access.snapshot``), so a
-pause or a new stage is served within a poll interval. Each action is idempotent: a
+``StageTransition`` and its audit row. The audit row is what tells every proxy
+worker to reload the release (``access.snapshot``), so a pause or a new stage is
+served within a poll interval. Each action is idempotent: a
 repeated call changes nothing and says so (``created=False`` or ``None``).
 
 Four eyes: a review recommending *advance* needs its plan's ``approvals_needed``
@@ -94,10 +94,7 @@ def _transition(
         release.stage_entered_at = now
     if to_state is not None:
         release.state = to_state
-    release.version += 1
-    release.save(
-        update_fields=["current_stage", "stage_entered_at", "state", "version", "updated_at"]
-    )
+    release.save(update_fields=["current_stage", "stage_entered_at", "state", "updated_at"])
     transition = StageTransition.objects.create(
         release=release,
         kind=kind,

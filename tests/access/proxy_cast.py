@@ -49,7 +49,6 @@ def set_release(name: str, **fields) -> None:
         release = Release.objects.select_for_update().get(name=name)
         for field, value in fields.items():
             setattr(release, field, value)
-        release.version += 1
         release.save()
         audit.record(
             "release.changed",

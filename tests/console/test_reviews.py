@@ -10,7 +10,7 @@ ada is the rollout admin; rita and ruth reviewers; vera a viewer; oscar an org a
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -142,9 +142,9 @@ def said(answer) -> list[str]:
     return shown
 
 
-def state(release: Release) -> tuple[str, str, int]:
+def state(release: Release) -> tuple[str, str, datetime]:
     release.refresh_from_db()
-    return release.current_stage, release.state, release.version
+    return release.current_stage, release.state, release.updated_at
 
 
 def reasons(kind: str, text: str) -> dict[str, str]:
@@ -175,7 +175,7 @@ def test_anonymous_is_sent_to_the_login_page_from_every_page_and_action(
     for url in action_urls(mini, advance_review):
         answer = browser.post(url, reasons("pause", "because"))
         assert (answer.status_code, answer["Location"]) == (302, f"/console/login/?next={url}")
-    assert state(mini) == ("research_preview", "active", mini.version)
+    assert state(mini) == ("research_preview", "active", mini.updated_at)
     assert Review.objects.count() == 1
 
 
