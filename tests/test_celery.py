@@ -30,7 +30,7 @@ from stagegate.schedule import Periodic, beat_schedule, schedule
 from stagegate.scheduler import InProcessScheduler
 from tests.factories import make_org, traffic
 from tests.live import CeleryWorker, database_env, wait_until
-from tests.rollout.test_reviews import PARTNERS, PLAN, healthy_traffic
+from tests.rollout.mini_cast import PARTNERS, PLAN, healthy_traffic
 
 pytestmark = pytest.mark.usefixtures("live_db")
 
