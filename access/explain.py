@@ -20,6 +20,7 @@ from access.decisions import Decision, KeyEntry, OrgEntry, RequestInfo, decide
 from access.snapshot import load_key, load_org, release_entry
 from rollout.models import Release, ReleaseState
 from rollout.plans import plan_doc
+from stagegate import keyformat
 
 # The limits a decision carries, in the order the explainer shows them.
 LIMIT_FIELDS = (
@@ -85,7 +86,7 @@ def explain_access(
     if key_id is not None:
         key = load_key(key_id)
         org = load_org(key.org_id) if key is not None else None
-        subject = f"sgk_{key_id}"
+        subject = f"{keyformat.PREFIX}{key_id}"
     else:
         org = load_org(organization_pk)
         key = None

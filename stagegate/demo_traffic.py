@@ -29,10 +29,12 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from stagegate import keyformat
+
 log = logging.getLogger(__name__)
 
 RELEASE = "atlas-2"
-UNKNOWN_KEY = "sgk_demotrafficunknw_" + "x" * 40
+UNKNOWN_KEY = f"{keyformat.PREFIX}demotrafficunknw_" + "x" * 40  # no key has this id
 PROMPTS = (
     "Summarise the safety case for a staged model release.",
     "Write a haiku about monitoring agreements.",
