@@ -10,6 +10,7 @@ answered 408 ``request_timeout``.
 """
 
 import asyncio
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -51,12 +52,28 @@ def _proxy_body_late() -> HTTPError:
     return HTTPError(408, "request_timeout", _BODY_LATE, headers=[CONNECTION_CLOSE])
 
 
+def _freeze_heap_when_started(send):
+    """``send`` for the lifespan, which moves everything start-up made (Django, the
+    apps, the first policy snapshot: about 130,000 objects) out of the garbage
+    collector's sight before the first request. A full collection then scans only
+    what requests made since: 40 ms of a paused event loop becomes well under 1 ms
+    (docs/performance.md, "Tail")."""
+
+    async def send_and_freeze(message):
+        if message["type"] == "lifespan.startup.complete":
+            gc.collect()
+            gc.freeze()
+        await send(message)
+
+    return send_and_freeze
+
+
 async def application(scope, receive, send):
     if scope["type"] == "lifespan":
         # The embedded mode's periodic tasks run in this process (stagegate/scheduler.py).
         scheduler = scheduler_from_settings()
         try:
-            await proxy.lifespan(receive, send)
+            await proxy.lifespan(receive, _freeze_heap_when_started(send))
         finally:
             if scheduler is not None:
                 await asyncio.to_thread(scheduler.stop)
