@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/servers.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/proxy.py --upstream nginx
+	$(BIN)/python bench/modes.py --scaling  # production vs embedded, 1 vs 2 workers (~30 min)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/deadlines.py
 	$(BIN)/python bench/reviews.py

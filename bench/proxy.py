@@ -25,9 +25,16 @@ What is measured
                µs a request, so the proxy's own cost is what the load measures
     proxy      python -m stagegate.serve (uvicorn + uvloop + httptools)
 
-  One closed-loop load generator in this process (aiohttp on uvloop; C workers,
-  each sending its next request as soon as the last one ends; a warm-up first)
-  sends the same small chat request (max_tokens 16) to:
+  One closed-loop load generator sends the same small chat request (max_tokens 16):
+  with --load aiohttp, this process (aiohttp on uvloop; C workers, each sending its
+  next request as soon as the last one ends; a warm-up first, then --requests); with
+  --load wrk, Debian's wrk (the default where /usr/bin/wrk is installed: C and
+  LuaJIT, far less CPU per request than aiohttp), one thread and C connections, from a
+  Lua script written to the run's temporary directory, a 1 s warm-up, then --duration
+  seconds. The script checks every answer: a status other than 200 is counted by its
+  status and error code, a 200 whose body does not start with "{" (plain) or end with
+  data: [DONE] (stream) as "200 (incomplete body)"; wrk's socket errors and its
+  Non-2xx count are errors too. The requests go to:
 
     direct     POST {upstream}/v1/chat/completions, model atlas-2-2026-11
     stagegate  POST {proxy}/v1/chat/completions, model atlas-2, the key as Bearer
@@ -54,6 +61,21 @@ How to read the output
   via/direct   Stagegate's req/s as a ratio to the upstream's own
   +p50, +p99   latency added by going through Stagegate, in ms
 
+  p99.9 (in the --json file only) is the same latency's 99.9th percentile: wrk's
+  latency:percentile(99.9) from the script's done(), or the loadgen's.
+
+  --pin (taskset) gives the proxy its own core(s): with W workers, the last W cores
+  (or the last --proxy-cores), each worker process with all its threads on one of
+  them; the load generator (wrk, or this process), the upstream and the private
+  redis-server run on the remaining cores, or on the first core if none remain (on
+  2 cores: the proxy on core 1, the rest on core 0; two workers on cores 0 and 1,
+  one of them beside the rest). PostgreSQL is the machine's server and not pinned.
+
+  --json PATH also writes every run (target, mode, concurrency, requests, errors,
+  req/s, p50/p99/p99.9 ms, proxy and upstream us/req, workers, limiter, database
+  mode) and how it was measured (load generator, pinning, load average before and
+  after) as JSON, for bench/modes.py to combine runs of several invocations.
+
   The load generator, the proxy and the upstream share this machine's cores
   (the header says how many). With 2 cores, three busy processes take turns, so
   via/direct understates what a proxy on its own cores would carry, and the
@@ -65,7 +87,8 @@ How to read the output
 
 Usage: python bench/proxy.py [--quick] [--requests 6000] [--stream-requests 3000]
                              [--concurrency 1,10,50] [--redis] [--workers N]
-                             [--upstream demo|nginx]
+                             [--upstream demo|nginx] [--load wrk|aiohttp] [--duration 10]
+                             [--pin [--proxy-cores N]] [--json PATH]
                              [--production [--postgres postgres://postgres@127.0.0.1:5432]]
 """
 
@@ -78,14 +101,16 @@ import contextlib
 import gc
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -205,18 +230,61 @@ def seed(upstream_base_url: str) -> str:
     return raw_key
 
 
+TASKSET = shutil.which("taskset")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which cores the proxy's workers get, and which the rest (load generator, upstream,
+    private redis-server, this process): both empty when nothing is pinned."""
+
+    proxy: tuple[int, ...] = ()
+    rest: tuple[int, ...] = ()
+
+    @classmethod
+    def pinned(cls, proxy_cores: int) -> Layout:
+        """The last ``proxy_cores`` cores for the proxy, the others (or the first core,
+        if none is left) for the rest."""
+        cores = sorted(os.sched_getaffinity(0))
+        if TASKSET is None or len(cores) < 2:
+            raise SystemExit("--pin needs taskset (util-linux) and at least 2 cores")
+        proxy = tuple(cores[-min(proxy_cores, len(cores)) :])
+        return cls(proxy, tuple(core for core in cores if core not in proxy) or (cores[0],))
+
+    def prefix(self, cores: tuple[int, ...]) -> list[str]:
+        """``taskset -c CORES`` to start a command on ``cores``; nothing when not pinned."""
+        return [TASKSET, "-c", ",".join(map(str, cores))] if cores else []
+
+    def describe(self, workers: int) -> str:
+        if not self.proxy:
+            return "not pinned"
+        return (
+            f"proxy ({workers} worker(s), one core each) on core(s) {list(self.proxy)};"
+            f" load generator, upstream, Redis and this process on core(s) {list(self.rest)};"
+            " PostgreSQL not pinned"
+        )
+
+
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Put every thread of ``pid`` on ``cores`` (taskset -a -p)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cores)
+
+
 def health_pid(url: str) -> int | None:
     with urllib.request.urlopen(url, timeout=2) as response:
         return orjson.loads(response.read())["pid"] if response.status == 200 else None
 
 
-def start_redis(log_dir: str) -> tuple[Server, str]:
+def start_redis(log_dir: str, prefix: list[str] | None = None) -> tuple[Server, str]:
     import redis
 
     port = free_port()
     server = Server(
         "redis",
         [
+            *(prefix or []),
             "redis-server",
             "--port",
             str(port),
@@ -241,11 +309,20 @@ def start_redis(log_dir: str) -> tuple[Server, str]:
     return server, url
 
 
-def start_upstream(log_dir: str) -> tuple[Server, str]:
+def start_upstream(log_dir: str, prefix: list[str] | None = None) -> tuple[Server, str]:
     port = free_port()
     server = Server(
         "upstream",
-        [sys.executable, "-m", "stagegate.demo_upstream", "--port", str(port), "--latency-ms", "0"],
+        [
+            *(prefix or []),
+            sys.executable,
+            "-m",
+            "stagegate.demo_upstream",
+            "--port",
+            str(port),
+            "--latency-ms",
+            "0",
+        ],
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"
@@ -348,7 +425,7 @@ def nginx_command(conf_dir: Path) -> list[str]:
     ]
 
 
-def start_nginx_upstream(log_dir: str) -> tuple[Server, str]:
+def start_nginx_upstream(log_dir: str, prefix: list[str] | None = None) -> tuple[Server, str]:
     """nginx answering fixed bodies (see the module docstring); its base URL."""
     conf_dir = Path(log_dir) / "nginx-upstream"
     conf_dir.mkdir()
@@ -366,17 +443,28 @@ def start_nginx_upstream(log_dir: str) -> tuple[Server, str]:
             stream=quoted(fixed_stream()),
         )
     )
-    server = Server("nginx-upstream", nginx_command(conf_dir), log_dir)
+    server = Server("nginx-upstream", [*(prefix or []), *nginx_command(conf_dir)], log_dir)
     base = f"http://127.0.0.1:{port}"
     server.wait_ready(lambda: http_status(f"{base}/v1/models") == 200, 15)
     return server, base
 
 
-def start_proxy(log_dir: str, workers: int) -> tuple[Server, str]:
+def start_proxy(log_dir: str, workers: int, layout: Layout = Layout()) -> tuple[Server, str]:
+    """``stagegate.serve`` with ``workers`` workers; with a pinned ``layout``, on its proxy
+    cores, each worker (all its threads) on one of them."""
     port = free_port()
     server = Server(
         "proxy",
-        [sys.executable, "-m", "stagegate.serve", "--port", str(port), "--workers", str(workers)],
+        [
+            *layout.prefix(layout.proxy),
+            sys.executable,
+            "-m",
+            "stagegate.serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"
@@ -390,6 +478,9 @@ def start_proxy(log_dir: str, workers: int) -> tuple[Server, str]:
             return len(seen) >= workers
 
         server.wait_ready(every_worker_answered, 30)
+        if layout.proxy:
+            for index, pid in enumerate(sorted(pid for pid in seen if pid is not None)):
+                pin_process(pid, {layout.proxy[index % len(layout.proxy)]})
     return server, base
 
 
@@ -469,18 +560,183 @@ async def client(target: Target, concurrency: int) -> AsyncIterator[dict[str, Re
         await session.close()
 
 
+WRK = shutil.which("wrk")
+WRK_WARMUP_S = 1  # wrk takes whole seconds
+
+WRK_SCRIPT = """\
+-- bench/proxy.py: {target} {mode}. Every answer must be a 200 with a complete body;
+-- done() prints the 99.9th percentile and the failures each thread counted, by kind.
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept-Encoding"] = "identity"
+{authorization}
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) failures = {{}} end
+
+local function complete(body)
+  {complete}
+end
+
+function response(status, headers, body)
+  local kind = nil
+  if status ~= 200 then
+    local code = string.match(body or "", '"code"%s*:%s*"([^"]+)"')
+    kind = status .. " " .. (code or "(incomplete body)")
+  elseif not complete(body or "") then
+    kind = "200 (incomplete body)"
+  end
+  if kind then failures[kind] = (failures[kind] or 0) + 1 end
+end
+
+function done(summary, latency, requests)
+  io.write(string.format("p99.9_us %d\\n", latency:percentile(99.9)))
+  for _, thread in ipairs(threads) do
+    for kind, count in pairs(thread:get("failures")) do
+      io.write(string.format("failure %d %s\\n", count, kind))
+    end
+  end
+end
+"""
+
+
+def wrk_script(directory: str, target: Target, mode: str) -> Path:
+    """The Lua script wrk sends ``target``'s ``mode`` request with (module docstring)."""
+    stream = mode == "stream"
+    authorization = "\n".join(
+        f'wrk.headers["{name.title()}"] = "{value}"' for name, value in target.headers.items()
+    )
+    done = DONE.decode().replace("\n", "\\n")  # as a Lua string literal
+    complete = (
+        f'return string.sub(body, -{len(DONE)}) == "{done}"'
+        if stream
+        else 'return string.sub(body, 1, 1) == "{"'
+    )
+    script = Path(directory) / f"wrk-{target.name}-{mode}.lua"
+    script.write_text(
+        WRK_SCRIPT.format(
+            target=target.name,
+            mode=mode,
+            body=request_body(target.model, stream).decode(),
+            authorization=authorization,
+            complete=complete,
+        )
+    )
+    return script
+
+
+def wrk_version() -> str:
+    """``wrk debian/4.1.0-3+b2``: wrk -v prints it (and exits 1)."""
+    out = subprocess.run([WRK, "-v"], capture_output=True, text=True, check=False).stdout
+    return " ".join(out.split()[:2]) or "wrk"
+
+
+def wrk_ms(text: str) -> float:
+    """wrk's ``412.00us`` / ``1.23ms`` / ``2.01s`` in ms."""
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+@dataclass
+class WrkLoad:
+    """One wrk run: the requests it completed, its req/s, its latency percentiles (ms,
+    from sending a request to its last body byte) and its failures by kind."""
+
+    requests: int
+    rps: float
+    percentiles: dict[float, float]
+    failures: collections.Counter[str]
+
+    def percentile_ms(self, pct: float) -> float:
+        return self.percentiles[pct]
+
+
+def run_wrk(url: str, concurrency: int, seconds: int, script: Path, prefix: list[str]) -> WrkLoad:
+    out = subprocess.run(
+        [
+            *prefix,
+            WRK,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    percentiles = {
+        float(pct): wrk_ms(value)
+        for pct, value in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE)
+    }
+    percentiles[99.9] = int(re.search(r"^p99\.9_us (\d+)$", out, re.MULTILINE).group(1)) / 1e3
+    failures: collections.Counter[str] = collections.Counter()
+    for count, kind in re.findall(r"^failure (\d+) (.+)$", out, re.MULTILINE):
+        failures[kind] += int(count)
+    # wrk's own count of non-2xx answers; the script's statuses should account for all.
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    counted = sum(n for kind, n in failures.items() if not kind.startswith("200 "))
+    if non_2xx and int(non_2xx.group(1)) > counted:
+        failures["non-2xx (wrk)"] += int(non_2xx.group(1)) - counted
+    # Socket errors: connect 0, read 0, write 0, timeout 0 (printed only when any is not 0)
+    sockets = re.search(r"^\s*Socket errors: (.*)$", out, re.MULTILINE)
+    for kind, count in re.findall(r"(\w+) (\d+)", sockets.group(1) if sockets else ""):
+        if int(count):
+            failures[f"socket {kind} (wrk)"] += int(count)
+    return WrkLoad(
+        int(re.search(r"(\d+) requests in", out).group(1)),
+        float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        percentiles,
+        failures,
+    )
+
+
+def outcomes(load: Load[Outcome] | WrkLoad) -> collections.Counter[str]:
+    """What went wrong in a run, by kind."""
+    if isinstance(load, WrkLoad):
+        return load.failures
+    return collections.Counter(result for result in load.results if result is not True)
+
+
 @dataclass
 class Run:
     target: str
     mode: str
     concurrency: int
-    load: Load[Outcome]  # the timed phase
+    load: Load[Outcome] | WrkLoad  # the timed phase
     errors: collections.Counter[str]  # by kind, warm-up included
     proxy_cpu_s: float | None
     upstream_cpu_s: float
 
     def us_per_request(self, cpu_s: float | None) -> float | None:
         return None if cpu_s is None else 1e6 * cpu_s / self.load.requests
+
+    def record(self) -> dict[str, object]:
+        """This run for --json (the figures printed, and p99.9)."""
+        load = self.load
+        return {
+            "target": self.target,
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "requests": load.requests,
+            "errors": self.errors.total(),
+            "errors_by_kind": dict(self.errors),
+            "rps": load.rps,
+            "wall_s": load.requests / load.rps,
+            "p50_ms": load.percentile_ms(50),
+            "p99_ms": load.percentile_ms(99),
+            "p99.9_ms": load.percentile_ms(99.9),
+            "proxy_cpu_s": self.proxy_cpu_s,
+            "proxy_us_per_request": self.us_per_request(self.proxy_cpu_s),
+            "upstream_cpu_s": self.upstream_cpu_s,
+            "upstream_us_per_request": self.us_per_request(self.upstream_cpu_s),
+        }
 
 
 @dataclass
@@ -502,7 +758,11 @@ class Servers:
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             # A thread: Django refuses synchronous queries inside an event loop.
-            if await asyncio.to_thread(UsageEvent.objects.count) >= self.proxy_calls:
+            written = await asyncio.to_thread(UsageEvent.objects.count)
+            if written >= self.proxy_calls:
+                # wrk counts only the answers it read: the calls it left in flight at
+                # the end of a run are written too, and counted from here on.
+                self.proxy_calls = written
                 return True
             await asyncio.sleep(0.05)
         print(f"  (usage rows still missing after {deadline_s:.0f} s)", flush=True)
@@ -510,21 +770,38 @@ class Servers:
 
 
 async def measure(
-    target: Target, mode: str, concurrency: int, n: int, warmup: int, servers: Servers
+    target: Target, mode: str, concurrency: int, args: argparse.Namespace, servers: Servers
 ) -> Run:
+    """One warm-up and one timed phase of ``target``'s ``mode`` requests at ``concurrency``,
+    with the CPU the proxy and the upstream spent in the timed phase."""
     through_proxy = target.server is servers.proxy
-    async with client(target, concurrency) as requests:
-        request = requests[mode]
-        warm = max(warmup, 2 * concurrency)
-        warm_up = await drive(request, warm, concurrency)
+    async with contextlib.AsyncExitStack() as stack:
+        if args.load == "wrk":
+            script = wrk_script(args.var_dir, target, mode)
+            url = (target.stream_url or target.url) if mode == "stream" else target.url
+            prefix = args.layout.prefix(args.layout.rest)
+
+            def phase(seconds: int) -> Awaitable[WrkLoad]:
+                return asyncio.to_thread(run_wrk, url, concurrency, seconds, script, prefix)
+
+            warm_up, timed = phase(WRK_WARMUP_S), lambda: phase(args.duration)
+        else:
+            request = (await stack.enter_async_context(client(target, concurrency)))[mode]
+            n = args.requests if mode == "plain" else args.stream_requests
+            warm_up = drive(request, max(args.warmup, 2 * concurrency), concurrency)
+
+            def timed() -> Awaitable[Load[Outcome]]:
+                return drive(request, n, concurrency)
+
+        warm = await warm_up
         if through_proxy:
-            servers.proxy_calls += warm
+            servers.proxy_calls += warm.requests
             await servers.usage_written()
         proxy_cpu = tree_cpu_seconds(servers.proxy.pid)
         upstream_cpu = tree_cpu_seconds(servers.upstream.pid)
-        load = await drive(request, n, concurrency)
+        load = await timed()
         if through_proxy:
-            servers.proxy_calls += n
+            servers.proxy_calls += load.requests
             await servers.usage_written()
         proxy_cpu = tree_cpu_seconds(servers.proxy.pid) - proxy_cpu
         upstream_cpu = tree_cpu_seconds(servers.upstream.pid) - upstream_cpu
@@ -533,9 +810,7 @@ async def measure(
         mode,
         concurrency,
         load,
-        collections.Counter(
-            result for result in [*warm_up.results, *load.results] if result is not True
-        ),
+        outcomes(warm) + outcomes(load),
         proxy_cpu if through_proxy else None,
         upstream_cpu,
     )
@@ -611,14 +886,13 @@ async def run_load(
     args: argparse.Namespace, targets: list[Target], servers: Servers, upstream_base: str
 ) -> list[Run]:
     runs = []
-    counts = {"plain": args.requests, "stream": args.stream_requests}
-    for mode, n in counts.items():
+    for mode in ("plain", "stream"):
         if mode == "stream" and args.upstream == "nginx":
             servers.proxy_calls += await stream_from_nginx(upstream_base, targets[1])
         for concurrency in args.concurrency:
             # Direct and through Stagegate back to back, so both see the same machine state.
             for target in targets:
-                run = await measure(target, mode, concurrency, n, args.warmup, servers)
+                run = await measure(target, mode, concurrency, args, servers)
                 runs.append(run)
                 progress = f"  {run.target:<10}{run.mode:<8}c={run.concurrency:<4}"
                 print(f"{progress}{run.load.rps:>9,.0f} req/s", flush=True)
@@ -750,7 +1024,25 @@ def parse_args() -> argparse.Namespace:
         default="postgres://postgres@127.0.0.1:5432",
         help="the PostgreSQL server --production creates its database on",
     )
+    parser.add_argument(
+        "--load",
+        choices=("wrk", "aiohttp"),
+        default="wrk" if WRK else "aiohttp",
+        help="the load generator: wrk if installed, else aiohttp in this process",
+    )
+    parser.add_argument("--duration", type=int, help="wrk: timed seconds per run (10)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="taskset: the proxy's workers on cores of their own, the rest on the others",
+    )
+    parser.add_argument(
+        "--proxy-cores", type=int, help="with --pin: cores for the proxy (default: --workers)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the runs to this JSON file")
     args = parser.parse_args()
+    if args.load == "wrk" and WRK is None:
+        parser.error("wrk is not installed (apt-get install wrk)")
     if args.production:
         args.redis = True
         if "--concurrency" not in sys.argv:
@@ -760,6 +1052,10 @@ def parse_args() -> argparse.Namespace:
     args.stream_requests = args.stream_requests or (300 if quick else 3000)
     args.warmup = args.warmup if args.warmup is not None else (50 if quick else 200)
     args.iterations = args.iterations or (50_000 if quick else 200_000)
+    args.duration = args.duration or (2 if quick else 10)
+    if args.proxy_cores is not None and not args.pin:
+        parser.error("--proxy-cores goes with --pin")
+    args.layout = Layout.pinned(args.proxy_cores or args.workers) if args.pin else Layout()
     args.redis = args.redis or bool(os.environ.get("REDIS_URL"))
     if args.workers < 1 or (args.workers > 1 and not args.redis):
         parser.error("--workers above 1 shares limits through Redis: add --redis")
@@ -776,15 +1072,55 @@ def print_header(args: argparse.Namespace, limits: str) -> None:
         f" share these {os.cpu_count()} CPUs: via/direct understates throughput and +p50/+p99"
         " include waiting for a core; proxy us/req is the least disturbed overhead figure."
     )
+    per_run = (
+        f"requests per run: plain {args.requests}, stream {args.stream_requests}, warm-up"
+        f" {args.warmup}"
+        if args.load == "aiohttp"
+        else f"per run: {args.duration} s after a {WRK_WARMUP_S} s warm-up"
+    )
     print(
-        f"limits: {limits} | requests per run: plain {args.requests}, stream"
-        f" {args.stream_requests}, warm-up {args.warmup} | body: chat, max_tokens {MAX_TOKENS}"
+        f"limits: {limits} | {per_run} | body: chat, max_tokens {MAX_TOKENS}"
         f" | upstream: {args.upstream}"
     )
+    if args.load == "wrk" or args.pin:
+        load = "aiohttp in this process" if args.load == "aiohttp" else args.load_generator
+        print(
+            f"load generator: {load}, one thread, a connection per concurrent caller"
+            f" | pinned: {args.layout.describe(args.workers)}"
+        )
+
+
+def write_json(
+    path: Path, args: argparse.Namespace, runs: list[Run], meta: dict[str, object]
+) -> None:
+    """The runs and how they were measured, for bench/modes.py."""
+    cores = {"proxy": list(args.layout.proxy), "rest": list(args.layout.rest)}
+    document = {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "root": str(ROOT),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_generator": args.load_generator,
+        "seconds_per_run" if args.load == "wrk" else "requests_per_run": (
+            args.duration if args.load == "wrk" else args.requests
+        ),
+        "pinned": cores if args.pin else None,
+        "pinning": args.layout.describe(args.workers),
+        "upstream": args.upstream,
+        **meta,
+        "runs": [{**run.record(), **{k: meta[k] for k in RUN_META}} for run in runs],
+    }
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+
+
+RUN_META = ("workers", "limiter", "db_mode")
 
 
 def main() -> None:
     args = parse_args()
+    args.load_generator = (
+        wrk_version() if args.load == "wrk" else f"aiohttp {aiohttp.__version__} (uvloop)"
+    )
     with contextlib.ExitStack() as stack:
         database_url = (
             stack.enter_context(throwaway_database(args.postgres)) if args.production else None
@@ -794,12 +1130,19 @@ def main() -> None:
 
 def run(args: argparse.Namespace, database_url: str | None) -> None:
     started = time.perf_counter()
-    var_dir = tempfile.mkdtemp(prefix="stagegate-bench-proxy-")
+    meta: dict[str, object] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_before": os.getloadavg(),
+    }
+    var_dir = args.var_dir = tempfile.mkdtemp(prefix="stagegate-bench-proxy-")
+    rest = args.layout.prefix(args.layout.rest)
+    if args.layout.rest:
+        os.sched_setaffinity(0, set(args.layout.rest))  # the load generator, the usage polls
     servers: list[Server] = []
     try:
         redis_url = os.environ.get("REDIS_URL") if args.redis else None
         if args.redis and not redis_url:
-            redis_server, redis_url = start_redis(var_dir)
+            redis_server, redis_url = start_redis(var_dir, rest)
             servers.append(redis_server)
         configure(var_dir, redis_url, database_url)
         import django
@@ -814,12 +1157,17 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
         )
         mode = "production (PostgreSQL)" if database_url else "embedded (SQLite)"
         print_header(args, f"{limits} | mode: {mode}")
+        meta.update(
+            workers=args.workers,
+            limiter="redis" if redis_url else "in-process",
+            db_mode="production" if database_url else "embedded",
+        )
 
         start = start_nginx_upstream if args.upstream == "nginx" else start_upstream
-        upstream, upstream_base = start(var_dir)
+        upstream, upstream_base = start(var_dir, rest)
         servers.append(upstream)
         raw_key = seed(f"{upstream_base}/v1")
-        proxy, proxy_base = start_proxy(var_dir, args.workers)
+        proxy, proxy_base = start_proxy(var_dir, args.workers, args.layout)
         servers.append(proxy)
         targets = [
             Target(
@@ -842,9 +1190,13 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
         runs = uvloop.run(run_load(args, targets, Servers(proxy, upstream), upstream_base))
         for server in reversed(servers):
             server.stop(15)  # uvicorn shuts down; usage is flushed
+        meta["loadavg_after"] = os.getloadavg()
         print()
         print_runs(runs)
         print_ratios(runs)
+        if args.json:
+            write_json(args.json, args, runs, meta)
+            print(f"\nruns written to {args.json}")
         micro(args.iterations)
     finally:
         for server in reversed(servers):
