@@ -4,6 +4,7 @@ For each size, synthetic usage events spread over the same 7 days (so the number
 rollup buckets does not grow with the size): 1 release, 2 stages, 4 tiers, 40 orgs,
 about 5% denied, 1% upstream errors and 1% flagged. Prints per size:
   load s        generating the events and loading them with COPY (indexes maintained)
+  B/event       the usage table's size on disk (rows and indexes) per event
   rollup s      rollup_pending over the whole backlog (6-hour chunks), and events/s
   rows          rollup rows it wrote (minute + hour)
   job ms        a steady-state rollup_pending run: no new events, the trailing window
@@ -92,11 +93,14 @@ SINCE, UNTIL = START + timedelta(minutes=25), END - timedelta(minutes=35)
 # usage table with COPY, block by block: the proxy's own bulk path (COPY), without
 # formatting ten million rows in the interpreter. Each event i gets a multiplicative
 # hash h of i (Knuth's 2654435761, mod 2^32) whose decimal digits pick the decision,
-# error, flag, org and stage, so the mix is fixed for every size.
+# error, flag, org and stage, so the mix is fixed for every size. Words are written as
+# their codes (monitoring.records): tiers 1-4, chat.completions 1, allow 1 / deny 2,
+# ok 1 / rate_limited 9, upstream_error 1; each org holds its tier's verification.
 COLUMNS = (
     "created_at, request_id, org, key, tier, release, stage, endpoint, decision, reason,"
     " status, error, streamed, client_disconnected, flagged, prompt_tokens,"
-    " completion_tokens, latency_ms, upstream_latency_ms"
+    " completion_tokens, latency_ms, upstream_latency_ms, plan_version, max_tokens,"
+    " claimed_tier, verifications"
 )
 GENERATE = """
 SELECT
@@ -104,22 +108,25 @@ SELECT
     'req_' || g.i,
     'org_' || lpad(x.org::text, 2, '0'),
     'key_' || lpad(x.org::text, 2, '0'),
-    (ARRAY['research_partner', 'verified_commercial', 'credentialed_academic', 'public'])
-        [x.org % 4 + 1],
+    x.org % 4 + 1,
     {release},
     (ARRAY[{stage_a}, {stage_b}])[x.stage + 1],
-    'chat.completions',
-    CASE WHEN x.denied THEN 'deny' ELSE 'allow' END,
-    CASE WHEN x.denied THEN 'rate_limited' ELSE 'ok' END,
+    1,
+    CASE WHEN x.denied THEN 2 ELSE 1 END,
+    CASE WHEN x.denied THEN 9 ELSE 1 END,
     CASE WHEN x.denied THEN 429 WHEN x.failed THEN 502 ELSE 200 END,
-    CASE WHEN x.failed THEN 'upstream_error' ELSE '' END,
+    CASE WHEN x.failed THEN 1 ELSE 0 END,
     false,
     false,
     x.flagged,
     CASE WHEN x.denied THEN 0 ELSE 20 + g.h % 487 END,
     CASE WHEN x.denied OR x.failed THEN 0 ELSE 10 + g.h % 911 END,
     40 + (g.h % 4000) / 8.0,
-    CASE WHEN x.denied THEN NULL ELSE 35 + (g.h % 4000) / 8.0 END
+    CASE WHEN x.denied THEN NULL ELSE 35 + (g.h % 4000) / 8.0 END,
+    1,
+    NULL,
+    x.org % 4 + 1,
+    (ARRAY[4, 1, 2, 0])[x.org % 4 + 1]
 FROM (
     SELECT i, (i * 2654435761) % 4294967296 AS h FROM generate_series(1, {count}) AS i
 ) AS g
@@ -190,7 +197,7 @@ def mix() -> str:
     """The generated mix as measured, to show it is what the docstring says."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT avg((decision = 'deny')::int), avg((error <> '')::int),"
+            "SELECT avg((decision = 2)::int), avg((error <> 0)::int),"
             " avg(flagged::int), count(DISTINCT org), count(DISTINCT tier)"
             f" FROM {UsageEvent._meta.db_table}"
         )
@@ -226,13 +233,16 @@ def main() -> None:
         f" to {UNTIL:%m-%d %H:%M}; reads are the median of {args.runs}"
     )
     header = (
-        f"{'events':>11}{'load s':>9}{'rollup s':>10}{'events/s':>11}{'rows':>9}"
+        f"{'events':>11}{'load s':>9}{'B/event':>9}{'rollup s':>10}{'events/s':>11}{'rows':>9}"
         f"{'job ms':>8}{'read ms':>9}{'review ms':>11}{'raw ms':>10}{'raw/read':>10}  agree"
     )
     print(header)
     for count in sizes:
         truncate()
         load_s = load(count)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_total_relation_size(%s)", [UsageEvent._meta.db_table])
+            per_event = cursor.fetchone()[0] / count
         started = time.perf_counter()
         report = rollups.rollup_pending(now=END)
         rollup_s = time.perf_counter() - started
@@ -249,7 +259,8 @@ def main() -> None:
         raw_ms = median_ms(lambda: rollups.raw_totals(**period), args.runs)  # noqa: B023
         agree = rollups.stage_totals(**period) == rollups.raw_totals(**period)
         print(
-            f"{count:>11,}{load_s:>9.1f}{rollup_s:>10.1f}{report.events_seen / rollup_s:>11,.0f}"
+            f"{count:>11,}{load_s:>9.1f}{per_event:>9.0f}{rollup_s:>10.1f}"
+            f"{report.events_seen / rollup_s:>11,.0f}"
             f"{UsageRollup.objects.count():>9,}{job_ms:>8.1f}{read_ms:>9.2f}{review_ms:>11.2f}"
             f"{raw_ms:>10.1f}{raw_ms / read_ms:>10,.0f}  {'yes' if agree else 'NO'}"
             f"   ({mix()})",

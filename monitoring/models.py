@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from django.db import models
 
+from monitoring.records import CodeField, KindsField
+
 
 class AuditEvent(models.Model):
     """One append-only, hash-chained record of a change.
@@ -31,32 +33,54 @@ class AuditEvent(models.Model):
 
 class UsageEvent(models.Model):
     """One proxy decision and what came of it: who, which release and stage, the
-    verdict and its reason, tokens and latency.
+    verdict and its reason, tokens and latency; and what replaying the decision against
+    another plan needs (the plan version it read, the ``max_tokens`` and stream asked
+    for, the tier claimed and the verifications held).
 
-    Written in batches by ``monitoring.usage`` off the request path, never updated.
-    No foreign keys: the table is large and append-only, and it must keep its rows
-    when a key or an organization is deleted. Ids are the public ones.
+    Written in batches by ``monitoring.usage`` off the request path, never updated,
+    from the proxy's ``monitoring.records.UsageRecord``. No foreign keys: the table is
+    large and append-only, and it must keep its rows when a key or an organization is
+    deleted. Ids are the public ones.
+
+    Compact, since the table grows by hundreds of millions of rows a day at 10,000
+    requests/s: the words every row repeats (tier, endpoint, decision, reason, error)
+    are stored as small integer codes (``monitoring.records``; the ORM reads and filters
+    them as words), the verifications as a bit set. Release and stage stay text: their
+    names are chosen by people (a stage is whatever its plan calls it), not a fixed
+    vocabulary. Rows written before the replay columns existed hold NULL in them.
     """
 
     created_at = models.DateTimeField(db_index=True)
     request_id = models.CharField(max_length=40)
     org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
     key = models.CharField(max_length=24, blank=True, help_text="API key public id.")
-    tier = models.CharField(max_length=32, blank=True, help_text="Effective tier.")
+    tier = CodeField(table="tier", default="", blank=True, help_text="Effective tier.")
     release = models.CharField(max_length=63, blank=True, help_text="Model called.")
     stage = models.CharField(max_length=40, blank=True)
-    endpoint = models.CharField(max_length=32)
-    decision = models.CharField(max_length=8, help_text="allow or deny")
-    reason = models.CharField(max_length=32, help_text="Decision reason code, or ok.")
+    endpoint = CodeField(table="endpoint")
+    decision = CodeField(table="decision", help_text="allow or deny")
+    reason = CodeField(table="reason", help_text="Decision reason code, or ok.")
     status = models.PositiveSmallIntegerField(help_text="HTTP status returned to the client.")
-    error = models.CharField(max_length=32, blank=True, help_text="upstream_error, ...")
-    streamed = models.BooleanField(default=False)
+    error = CodeField(table="error", default="", blank=True, help_text="upstream_error, ...")
+    streamed = models.BooleanField(default=False, help_text="The client asked for a stream.")
     client_disconnected = models.BooleanField(default=False)
     flagged = models.BooleanField(default=False, help_text="Upstream content filter fired.")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(help_text="Total time in the proxy, to the last byte.")
     upstream_latency_ms = models.FloatField(null=True, blank=True)
+    plan_version = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Version of the release's plan the decision read."
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="max_tokens asked for; blank if absent."
+    )
+    claimed_tier = CodeField(
+        table="tier", null=True, blank=True, help_text="The organization's own tier."
+    )
+    verifications = KindsField(
+        null=True, blank=True, help_text="Kinds of valid, unexpired verifications held."
+    )
 
     class Meta:
         ordering = ["-created_at"]

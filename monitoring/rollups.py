@@ -9,7 +9,9 @@ col = EXCLUDED.col``): a bucket is recomputed from the truth and overwritten, ne
 incremented, so running a rollup twice, or re-running one a crash interrupted, gives
 the same rows. The bucketing SELECT is built with the ORM
 (``TruncMinute``, ``Count``/``Sum`` with ``filter=``), so the same code runs on
-PostgreSQL and SQLite (3.24+ for upsert).
+PostgreSQL and SQLite (3.24+ for upsert). Events store their tier and reason as small
+integer codes (``monitoring.records``) and rollups as words: the SELECT turns the codes
+back into words (``CASE``) as it groups, and so does ``raw_totals``.
 
 ``rollup_pending`` is the periodic job (run it every minute). It follows a cursor over
 event ids, so events written late, e.g. buffered while the database was down, are
@@ -50,6 +52,7 @@ from django.db.models.functions import TruncHour, TruncMinute
 from django.utils import timezone
 
 from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+from monitoring.records import REASONS, TIERS
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -164,6 +167,14 @@ def _group_columns() -> dict[str, F]:
     return {f"k_{name}": F(name) for name in _GROUP}
 
 
+# The group columns an event holds as codes, as the words a rollup row holds.
+_EVENT_WORDS = {"tier": TIERS.words_of("tier"), "reason": REASONS.words_of("reason")}
+
+
+def _event_group_columns() -> dict[str, Any]:
+    return {f"k_{name}": _EVENT_WORDS.get(name, F(name)) for name in _GROUP}
+
+
 def _upsert(buckets: QuerySet, bucket_seconds: int) -> int:
     """Write the rows of ``buckets`` (columns k_bucket, k_<group>, n_<counter>) as
     ``bucket_seconds`` rollup rows, replacing the counters of rows that exist.
@@ -217,14 +228,14 @@ def rollup_window(start: datetime, end: datetime) -> int:
         events = UsageEvent.objects.filter(
             created_at__gte=first_minute, created_at__lt=end_minute
         ).order_by()
-        events_in_bucket = events.filter(
-            **{name: OuterRef(name) for name in _GROUP},
+        events_in_bucket = events.annotate(**_event_group_columns()).filter(
+            **{f"k_{name}": OuterRef(name) for name in _GROUP},
             created_at__gte=OuterRef("bucket_start"),
             created_at__lt=_plus("bucket_start", MINUTE),
         )
         minutes.filter(~Exists(events_in_bucket)).delete()
         buckets = events.values(
-            k_bucket=TruncMinute("created_at", tzinfo=UTC), **_group_columns()
+            k_bucket=TruncMinute("created_at", tzinfo=UTC), **_event_group_columns()
         ).annotate(**_event_counts())
         written += _upsert(buckets, UsageRollup.MINUTE)
 
@@ -442,7 +453,7 @@ def raw_totals(*, release: str, stage: str, since: datetime, until: datetime) ->
             release=release, stage=stage, created_at__gte=since, created_at__lt=until
         )
         .order_by()
-        .values(k_tier=F("tier"), k_org=F("org"))
+        .values(k_tier=_EVENT_WORDS["tier"], k_org=F("org"))
         .annotate(**_event_counts())
     )
     return _totals(rows, since, until, None)

@@ -1,9 +1,10 @@
 """Usage telemetry: one event per proxy decision, buffered and written in batches.
 
-The request path only appends a tuple to an in-memory buffer (no I/O, no lock
-contention worth measuring). A daemon thread writes the buffer every
-``flush_interval`` seconds, or as soon as it holds ``batch_size`` events, with
-PostgreSQL ``COPY`` (or one bulk INSERT on SQLite).
+The request path only appends a ``UsageRecord`` (``monitoring.records``) to an
+in-memory buffer (no I/O, no lock contention worth measuring). A daemon thread writes
+the buffer every ``flush_interval`` seconds, or as soon as it holds ``batch_size``
+events, with PostgreSQL ``COPY`` (or one bulk INSERT on SQLite), turning the record's
+words into their codes on the way (``_row``).
 
 How many events a crash can lose (documented in docs/operations.md): on a clean
 shutdown (SIGTERM, lifespan shutdown) none; on a hard kill, those recorded since
@@ -14,9 +15,11 @@ that instant. While the database is unreachable, events stay buffered up to
 ``stagegate_usage_events_dropped_total``.
 
 One bad event never blocks the others. Client-supplied text (the model name asked
-for) is cleaned before it is recorded (``clean_text``); and if the database still
-refuses a batch while it is reachable, the batch is split until the event it refuses
-is found: the rest is written, that event is set aside (logged, kept in
+for) is cleaned before it is recorded (``clean_text``); a reason or upstream error
+the code tables do not know yet is stored as ``other`` (and logged once). If a batch
+still cannot be written while the database is reachable (the database refuses a row,
+or a tier, endpoint or verdict has no code), the batch is split until the event at
+fault is found: the rest is written, that event is set aside (logged, kept in
 ``UsageRecorder.rejected``) and counted in ``stagegate_usage_events_rejected_total``.
 """
 
@@ -32,35 +35,22 @@ from datetime import UTC, datetime
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
-from access.keys import touch_keys_last_used
 from monitoring.models import UsageEvent
+from monitoring.records import (
+    ENDPOINTS,
+    ERRORS,
+    REASONS,
+    TIERS,
+    VERDICTS,
+    UsageRecord,
+    valid_kinds,
+)
 from monitoring.redaction import redact_secrets
 
 log = logging.getLogger(__name__)
 
-# The order of the tuple a caller records; created_at is POSIX seconds.
-FIELDS: tuple[str, ...] = (
-    "created_at",
-    "request_id",
-    "org",
-    "key",
-    "tier",
-    "release",
-    "stage",
-    "endpoint",
-    "decision",
-    "reason",
-    "status",
-    "error",
-    "streamed",
-    "client_disconnected",
-    "flagged",
-    "prompt_tokens",
-    "completion_tokens",
-    "latency_ms",
-    "upstream_latency_ms",
-)
-_CREATED_AT = FIELDS.index("created_at")
+# The usage table's columns, in the order ``_row`` gives them: the record's own fields.
+COLUMNS: tuple[str, ...] = UsageRecord._fields
 REJECTED_KEPT = 100  # events set aside that a worker keeps for inspection
 
 
@@ -75,20 +65,89 @@ def clean_text(text: str, limit: int) -> str:
     return redact_secrets(text)
 
 
-def _row(event: tuple, adapt=None) -> tuple:
-    row = list(event)
-    created_at = datetime.fromtimestamp(event[_CREATED_AT], UTC)
-    row[_CREATED_AT] = created_at if adapt is None else adapt(created_at)
-    return tuple(row)
+_TIER, _ENDPOINT, _VERDICT, _REASON, _ERROR = (
+    table.codes for table in (TIERS, ENDPOINTS, VERDICTS, REASONS, ERRORS)
+)
 
 
-def write_events(events: list[tuple]) -> None:
+def _row(event: UsageRecord, adapt=None) -> tuple:
+    """The usage table's row for ``event``: its words as codes, its time a datetime
+    (passed through ``adapt``, the backend's storage format, if given) and the kinds of
+    verification still valid at that time as a bit set. ValueError for a word a closed
+    vocabulary does not have. (It runs on the writer thread, which shares the
+    interpreter lock with the requests: plain dictionary lookups first, the tables'
+    fallbacks only for a word they do not know.)"""
+    (
+        at,
+        request_id,
+        org,
+        key,
+        tier,
+        release,
+        stage,
+        endpoint,
+        decision,
+        reason,
+        status,
+        error,
+        streamed,
+        client_disconnected,
+        flagged,
+        prompt_tokens,
+        completion_tokens,
+        latency_ms,
+        upstream_latency_ms,
+        plan_version,
+        max_tokens,
+        claimed_tier,
+        verifications,
+    ) = event
+    try:
+        codes = (_TIER[tier], _ENDPOINT[endpoint], _VERDICT[decision], _REASON[reason])
+        error_code, claimed_code = _ERROR[error], _TIER[claimed_tier]
+    except KeyError:
+        codes = (
+            TIERS.write(tier),
+            ENDPOINTS.write(endpoint),
+            VERDICTS.write(decision),
+            REASONS.write(reason),
+        )
+        error_code, claimed_code = ERRORS.write(error), TIERS.write(claimed_tier)
+    created_at = datetime.fromtimestamp(at, UTC)
+    return (
+        created_at if adapt is None else adapt(created_at),
+        request_id,
+        org,
+        key,
+        codes[0],
+        release,
+        stage,
+        codes[1],
+        codes[2],
+        codes[3],
+        status,
+        error_code,
+        streamed,
+        client_disconnected,
+        flagged,
+        prompt_tokens,
+        completion_tokens,
+        latency_ms,
+        upstream_latency_ms,
+        plan_version,
+        max_tokens,
+        claimed_code,
+        valid_kinds(verifications, at) if verifications else 0,
+    )
+
+
+def write_events(events: list[UsageRecord]) -> None:
     """Write events in one statement: COPY on PostgreSQL, a bulk INSERT elsewhere."""
     if not events:
         return
     if connection.vendor == "postgresql":
         table = UsageEvent._meta.db_table
-        columns = ", ".join(FIELDS)
+        columns = ", ".join(COLUMNS)
         with (
             connection.cursor() as cursor,
             cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
@@ -99,8 +158,8 @@ def write_events(events: list[tuple]) -> None:
         # One executemany: the ORM's bulk_create costs four times as much CPU per row,
         # and this thread shares the interpreter lock with the requests.
         sql = (
-            f"INSERT INTO {UsageEvent._meta.db_table} ({', '.join(FIELDS)})"  # noqa: S608
-            f" VALUES ({', '.join(['%s'] * len(FIELDS))})"
+            f"INSERT INTO {UsageEvent._meta.db_table} ({', '.join(COLUMNS)})"  # noqa: S608
+            f" VALUES ({', '.join(['%s'] * len(COLUMNS))})"
         )
         with transaction.atomic(), connection.cursor() as cursor:
             adapt = connection.ops.adapt_datetimefield_value  # the ORM's storage format
@@ -128,14 +187,18 @@ class UsageRecorder:
         flush_interval: float = 1.0,
         batch_size: int = 500,
         max_buffer: int = 100_000,
-        writer: Callable[[list[tuple]], None] = write_events,
+        writer: Callable[[list[UsageRecord]], None] = write_events,
         reachable: Callable[[], bool] = database_reachable,
         on_drop: Callable[[int], None] | None = None,
         on_write: Callable[[int, float], None] | None = None,
         on_reject: Callable[[int], None] | None = None,
-        last_used_interval: int = 60,
+        on_keys_used: Callable[..., object] | None = None,
     ) -> None:
-        self.last_used_interval = last_used_interval
+        """``on_keys_used(key_ids, now=...)`` writes the last-used time of the keys
+        ``mark_used`` named since its last call (the proxy passes
+        ``access.keys.touch_keys_last_used``); it is called from the writer thread after
+        each flush, and what it raises is logged, never raised."""
+        self._on_keys_used = on_keys_used
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.max_buffer = max_buffer
@@ -143,9 +206,9 @@ class UsageRecorder:
         self._reachable = reachable
         self._on_drop = on_drop
         self._on_reject = on_reject
-        self.rejected: deque[tuple] = deque(maxlen=REJECTED_KEPT)
+        self.rejected: deque[UsageRecord] = deque(maxlen=REJECTED_KEPT)
         self._on_write = on_write
-        self._buffer: deque[tuple] = deque()
+        self._buffer: deque[UsageRecord] = deque()
         self._used: set[str] = set()  # key ids whose last_used_at is due
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -153,8 +216,8 @@ class UsageRecorder:
         self.dropped = 0
         self.written = 0
 
-    def record(self, event: tuple) -> None:
-        """Buffer one event (a tuple in ``FIELDS`` order). Never blocks, never raises."""
+    def record(self, event: UsageRecord) -> None:
+        """Buffer one event. Never blocks, never raises."""
         if len(self._buffer) >= self.max_buffer:  # the database has been down a while
             self._buffer.popleft()
             self.dropped += 1
@@ -174,7 +237,7 @@ class UsageRecorder:
     def flush(self) -> bool:
         """Write everything buffered so far; while the database is unreachable keep it
         for the next try. Returns False if anything was kept."""
-        batch: list[tuple] = []
+        batch: list[UsageRecord] = []
         while self._buffer:
             batch.append(self._buffer.popleft())
         if not batch:
@@ -203,7 +266,7 @@ class UsageRecorder:
                 self._on_write(len(part), time.perf_counter() - started)
         return True
 
-    def _keep(self, events: list[tuple]) -> None:
+    def _keep(self, events: list[UsageRecord]) -> None:
         """Put unwritten events back at the head of the buffer, within ``max_buffer``."""
         self._buffer.extendleft(reversed(events))
         overflow = len(self._buffer) - self.max_buffer
@@ -214,9 +277,9 @@ class UsageRecorder:
             if self._on_drop is not None:
                 self._on_drop(overflow)
 
-    def _reject(self, event: tuple, exc: Exception) -> None:
+    def _reject(self, event: UsageRecord, exc: Exception) -> None:
         self.rejected.append(event)
-        log.error("usage event %s set aside, the database refuses it: %s", event[1], exc)
+        log.error("usage event %s set aside, it cannot be written: %s", event.request_id, exc)
         if self._on_reject is not None:
             self._on_reject(1)
 
@@ -236,12 +299,12 @@ class UsageRecorder:
             self.flush()
 
     def _touch_keys(self) -> None:
-        if not self._used:
+        if not self._used or self._on_keys_used is None:
             return
         used, self._used = self._used, set()
         now = timezone.now()
         try:
-            touch_keys_last_used(used, now=now, interval_seconds=self.last_used_interval)
+            self._on_keys_used(used, now=now)
         except Exception as exc:  # last_used is a convenience; never worth an outage
             log.warning("could not write last_used_at: %s", exc)
 

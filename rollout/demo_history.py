@@ -1,8 +1,8 @@
 """A week of made-up but realistic usage for the demo, written through the real path.
 
 ``seed_demo`` calls ``seed_history``: it builds usage events exactly as the proxy's
-recorder builds them (tuples in ``monitoring.usage.FIELDS`` order, the same reason
-codes, statuses, tier and stage rules as ``access.proxy``), writes them with
+recorder builds them (``monitoring.records.UsageRecord``, the same reason codes,
+statuses, tier and stage rules as ``access.proxy``), writes them with
 ``monitoring.usage.write_events`` and rolls them up with
 ``monitoring.rollups.rollup_pending``, so every chart of the console reads rollups
 shaped like real traffic: a daily rhythm with quiet weekends, refusals of several
@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from monitoring.records import UsageRecord
 from monitoring.rollups import RollupReport, rollup_pending
 from monitoring.usage import write_events
 
@@ -34,9 +35,10 @@ class Caller:
 
     org: str  # organization public id ("" for an unknown key)
     key: str  # API key public id ("" for an unknown key)
-    tier: str  # the effective tier when admitted ("" when the stage does not admit it)
+    tier: str  # the organization's tier ("" for an unknown key)
     admitted: bool  # whether the release's current stage admits this organization
     weight: float
+    verifications: tuple[str, ...] = ()  # kinds of valid verification it holds
 
 
 def _rhythm(moment: datetime) -> float:
@@ -58,16 +60,18 @@ def build_events(
     mean_per_hour: int = MEAN_PER_HOUR,
     seed: int = 2026,
     paused: tuple[datetime, datetime] | None = None,
-) -> list[tuple]:
-    """The week's events before ``end``, oldest first (tuples in ``FIELDS`` order).
-    Admitted callers are refused ``release_paused`` within ``paused`` [start, end)."""
+    plan_version: int = 1,
+) -> list[UsageRecord]:
+    """The week's events before ``end``, oldest first, decided on the release's plan
+    ``plan_version``. Admitted callers are refused ``release_paused`` within ``paused``
+    [start, end)."""
     rng = random.Random(seed)  # noqa: S311 - reproducible demo data, not secrecy
     end = end.astimezone(UTC)
     start = end - timedelta(days=days)
     bad_hour = (end - timedelta(days=3)).replace(hour=14, minute=0, second=0, microsecond=0)
     drift_start = (end - timedelta(days=5)).replace(hour=18, minute=0, second=0, microsecond=0)
     weights = [caller.weight for caller in callers]
-    events: list[tuple] = []
+    events: list[UsageRecord] = []
     number = 0
     hour = start.replace(minute=0, second=0, microsecond=0)
     while hour < end:
@@ -81,37 +85,46 @@ def build_events(
             number += 1
             caller = rng.choices(callers, weights)[0]
             if paused and caller.admitted and paused[0] <= moment < paused[1]:
-                events.append(_paused(number, moment, release, stage, caller))
+                events.append(_paused(number, moment, release, stage, caller, plan_version))
                 continue
-            events.append(
-                _event(rng, number, moment, release, stage, caller, error_rate, flag_rate)
-            )
+            event = _event(rng, number, moment, release, stage, caller, error_rate, flag_rate)
+            events.append(event._replace(plan_version=plan_version if event.stage else None))
         hour += timedelta(hours=1)
     return events
 
 
-def _paused(number: int, moment: datetime, release: str, stage: str, caller: Caller) -> tuple:
-    return (
-        moment.timestamp(),
-        f"req_demo{number:x}",
-        caller.org,
-        caller.key,
-        caller.tier,
-        release,
-        stage,
-        "chat.completions",
-        "deny",
-        "release_paused",
-        403,
-        "",
-        False,
-        False,
-        False,
-        0,
-        0,
-        1.2,
-        None,
+def _paused(
+    number: int, moment: datetime, release: str, stage: str, caller: Caller, plan_version: int
+) -> UsageRecord:
+    return UsageRecord(
+        created_at=moment.timestamp(),
+        request_id=f"req_demo{number:x}",
+        org=caller.org,
+        key=caller.key,
+        tier=caller.tier,
+        release=release,
+        stage=stage,
+        endpoint="chat.completions",
+        decision="deny",
+        reason="release_paused",
+        status=403,
+        error="",
+        streamed=False,
+        client_disconnected=False,
+        flagged=False,
+        prompt_tokens=0,
+        completion_tokens=0,
+        latency_ms=1.2,
+        upstream_latency_ms=None,
+        plan_version=plan_version,
+        max_tokens=None,
+        claimed_tier=caller.tier,
+        verifications=_held(caller),
     )
+
+
+def _held(caller: Caller) -> tuple[tuple[str, float | None], ...]:
+    return tuple((kind, None) for kind in caller.verifications)
 
 
 def _event(
@@ -123,7 +136,7 @@ def _event(
     caller: Caller,
     error_rate: float,
     flag_rate: float,
-) -> tuple:
+) -> UsageRecord:
     endpoint = rng.choices(("chat.completions", "completions", "embeddings"), (85, 5, 10))[0]
     streamed = endpoint != "embeddings" and rng.random() < 0.3
     request_id = f"req_demo{number:x}"
@@ -153,26 +166,30 @@ def _event(
         elif rng.random() < flag_rate:
             flagged = True
     latency = (upstream or 0.0) + rng.uniform(0.4, 2.5)
-    return (
-        moment.timestamp(),
-        request_id,
-        caller.org,
-        caller.key,
-        tier,
-        model,
-        org_stage,
-        endpoint,
-        verdict,
-        reason,
-        status,
-        error,
-        streamed,
-        False,
-        flagged,
-        prompt,
-        completion,
-        latency,
-        upstream,
+    return UsageRecord(
+        created_at=moment.timestamp(),
+        request_id=request_id,
+        org=caller.org,
+        key=caller.key,
+        tier=tier,
+        release=model,
+        stage=org_stage,
+        endpoint=endpoint,
+        decision=verdict,
+        reason=reason,
+        status=status,
+        error=error,
+        streamed=streamed,
+        client_disconnected=False,
+        flagged=flagged,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        latency_ms=latency,
+        upstream_latency_ms=upstream,
+        plan_version=None,  # set by the caller, which knows it
+        max_tokens=None,
+        claimed_tier=caller.tier,
+        verifications=_held(caller),
     )
 
 
@@ -184,10 +201,17 @@ def seed_history(
     end: datetime,
     paused: tuple[datetime, datetime] | None = None,
     seed: int = 2026,
+    plan_version: int = 1,
 ) -> tuple[int, RollupReport]:
     """Write the week's events and roll them up; returns (events written, rollup report)."""
     events = build_events(
-        release=release, stage=stage, callers=callers, end=end, seed=seed, paused=paused
+        release=release,
+        stage=stage,
+        callers=callers,
+        end=end,
+        seed=seed,
+        paused=paused,
+        plan_version=plan_version,
     )
     for first in range(0, len(events), BATCH):
         write_events(events[first : first + BATCH])

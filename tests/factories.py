@@ -15,6 +15,7 @@ from access.models import (
     Verification,
     VerificationStatus,
 )
+from monitoring.records import UsageRecord
 
 EXAMPLE_PLAN = Path(__file__).resolve().parent.parent / "docs" / "examples" / "atlas-2.yaml"
 TIER_EVIDENCE = {
@@ -52,11 +53,9 @@ def make_verification(org: Organization, kind: str, *, expires_at, status=Verifi
     )
 
 
-def usage_event(*, at, release: str, stage: str, org: str, tier: str, **fields) -> tuple:
-    """One usage event as ``monitoring.usage.write_events`` takes it (an allowed, served
-    request unless ``fields`` say otherwise)."""
-    from monitoring.usage import FIELDS
-
+def usage_event(*, at, release: str, stage: str, org: str, tier: str, **fields) -> UsageRecord:
+    """One usage event as the proxy records it (an allowed, served request unless
+    ``fields`` say otherwise), for ``monitoring.usage.write_events``."""
     values = {
         "created_at": at.timestamp(),
         "request_id": f"req-{at.timestamp():.6f}-{org}",
@@ -65,7 +64,7 @@ def usage_event(*, at, release: str, stage: str, org: str, tier: str, **fields) 
         "tier": tier,
         "release": release,
         "stage": stage,
-        "endpoint": "chat",
+        "endpoint": "chat.completions",
         "decision": "allow",
         "reason": "ok",
         "status": 200,
@@ -77,9 +76,13 @@ def usage_event(*, at, release: str, stage: str, org: str, tier: str, **fields) 
         "completion_tokens": 20,
         "latency_ms": 5.0,
         "upstream_latency_ms": 4.0,
+        "plan_version": 1,
+        "max_tokens": None,
+        "claimed_tier": tier,
+        "verifications": (),
         **fields,
     }
-    return tuple(values[name] for name in FIELDS)
+    return UsageRecord(**values)
 
 
 def traffic(
@@ -92,7 +95,7 @@ def traffic(
     end,
     flagged_every: int = 0,
     error_every: int = 0,
-) -> list[tuple]:
+) -> list[UsageRecord]:
     """``count`` allowed requests spread evenly over [start, end), round-robin over
     ``orgs`` (slug -> tier); every ``flagged_every``-th is flagged, every
     ``error_every``-th failed upstream."""

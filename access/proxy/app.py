@@ -13,9 +13,11 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from django.conf import settings
 
+from access.keys import touch_keys_last_used
 from access.proxy.authz import authorize
 from access.proxy.calls import model_call
 from access.proxy.common import error_body, respond
@@ -98,7 +100,9 @@ class Proxy:
             on_drop=metrics.USAGE_DROPPED.inc,
             on_reject=metrics.USAGE_REJECTED.inc,
             on_write=lambda count, _seconds: metrics.USAGE_WRITTEN.inc(count),
-            last_used_interval=settings.STAGEGATE_KEY_LAST_USED_INTERVAL,
+            on_keys_used=partial(
+                touch_keys_last_used, interval_seconds=settings.STAGEGATE_KEY_LAST_USED_INTERVAL
+            ),
         )
         store = SnapshotStore(
             poll_interval=settings.STAGEGATE_PROXY_POLL_INTERVAL,

@@ -49,6 +49,7 @@ async def authorize(proxy: Proxy, scope, send) -> None:
         release, decision = decide_for(
             snapshot, key, call.org, model or "(none)", RequestInfo("authz"), time.time()
         )
+        call.release = release
         call.decision = decision
         extra = []
         if decision.allowed:

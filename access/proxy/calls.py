@@ -99,12 +99,13 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
     if not isinstance(model, str) or not model:
         raise HTTPError(400, "invalid_request", "'model' is required and must be a string.")
     call.model = model
-    stream = document.get("stream") is True
+    stream = call.streamed = document.get("stream") is True
     max_tokens = document.get("max_completion_tokens", document.get("max_tokens"))
     if max_tokens is not None and (
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
     ):
         raise HTTPError(400, "invalid_request", "max_tokens must be a positive integer.")
+    call.max_tokens = max_tokens
     choices = document.get("n")
     if choices is None:  # absent or null: OpenAI's default of one choice
         choices = 1
@@ -120,7 +121,7 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
         RequestInfo(call.endpoint, stream=stream, max_tokens=max_tokens),
         now,
     )
-    call.decision = decision
+    call.release, call.decision = release, decision
     if not decision.allowed:
         await refuse(send, call, decision)
         return
@@ -191,7 +192,6 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
     base_url = release.upstream_base_url
     try:
         if stream:
-            call.streamed = True
             usage = await upstream.relay_stream(
                 receive, send, call, base_url, suffix, forwarded, headers, hide_usage
             )

@@ -42,6 +42,7 @@ from access.ratelimits import (
 )
 from access.snapshot import Snapshot, SnapshotStore
 from monitoring import metrics
+from monitoring.records import UsageRecord
 from monitoring.usage import UsageRecorder, clean_text
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,11 @@ class Call:
         "error",
         "flagged",
         "key",
+        "max_tokens",
         "model",
         "org",
         "prompt_tokens",
+        "release",
         "request_id",
         "reservation",
         "started",
@@ -125,11 +128,13 @@ class Call:
         self.key: KeyEntry | None = None
         self.org: OrgEntry | None = None
         self.model = ""
+        self.max_tokens: int | None = None  # as asked for
+        self.release: ReleaseEntry | None = None  # the release the decision read
         self.decision: Decision | None = None
         self.code = ""  # the refusal code when no decision was reached (503, bad body)
         self.status = 0
         self.error = ""
-        self.streamed = False
+        self.streamed = False  # the client asked for a stream
         self.client_disconnected = False
         self.flagged = False
         self.prompt_tokens = 0
@@ -296,27 +301,35 @@ def record_usage(recorder: UsageRecorder, call: Call) -> None:
     # grow the series without bound. The usage event keeps the name asked for.
     release = model if stage else ""
     elapsed = time.perf_counter() - call.started
+    org = call.org
     recorder.record(
-        (
-            call.wall,
-            call.request_id,
-            call.org.public_id if call.org else "",
-            call.key.public_id if call.key else "",
-            tier,
-            model,
-            stage,
-            call.endpoint,
-            verdict,
-            reason,
-            call.status,
-            call.error,
-            call.streamed,
-            call.client_disconnected,
-            call.flagged,
-            call.prompt_tokens,
-            call.completion_tokens,
-            elapsed * 1000,
-            None if call.upstream_seconds is None else call.upstream_seconds * 1000,
+        UsageRecord(
+            created_at=call.wall,
+            request_id=call.request_id,
+            org=org.public_id if org else "",
+            key=call.key.public_id if call.key else "",
+            tier=tier,
+            release=model,
+            stage=stage,
+            endpoint=call.endpoint,
+            decision=verdict,
+            reason=reason,
+            status=call.status,
+            error=call.error,
+            streamed=call.streamed,
+            client_disconnected=call.client_disconnected,
+            flagged=call.flagged,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            latency_ms=elapsed * 1000,
+            upstream_latency_ms=(
+                None if call.upstream_seconds is None else call.upstream_seconds * 1000
+            ),
+            # What replaying the decision against another plan needs:
+            plan_version=call.release.plan_version if call.release else None,
+            max_tokens=call.max_tokens,
+            claimed_tier=org.tier if org else "",
+            verifications=org.verifications if org else (),
         )
     )
     child = metrics.child

@@ -46,6 +46,7 @@ async def models(proxy: Proxy, scope, send, model_id: str | None) -> None:
         release, decision = decide_for(
             snapshot, key, call.org, model_id, RequestInfo("models"), time.time()
         )
+        call.release = release
         if not decision.allowed:
             await refuse(send, call, decision)
             return

@@ -12,10 +12,12 @@ import openai
 import pytest
 from django.db import connection
 
+from access.decisions import KeyEntry, OrgEntry, ReleaseEntry, RequestInfo, decide
 from access.keys import revoke_key
-from access.models import ApiKey, Verification
+from access.models import ApiKey, Organization, Verification
 from access.tier_changes import set_verification_status
-from rollout.plans import apply_plan
+from rollout.models import Release, RolloutPlan
+from rollout.plans import apply_plan, plan_doc
 from tests.access.proxy_cast import HELLO, plan_text, set_release, usage_events
 from tests.live import DemoUpstream, ProxyServer, free_port
 
@@ -108,6 +110,74 @@ def test_max_tokens_above_the_tier_limit_is_refused(cast):
     with pytest.raises(openai.BadRequestError) as refused:
         cast.client().chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=5000)
     assert refused.value.code == "request_too_large"
+
+
+def _replayed(event) -> str:
+    """The reason ``decide`` gives from what ``event`` recorded alone: the plan version it
+    names, the stage, the tier claimed and the verifications held, the model, endpoint,
+    stream and max_tokens asked for (the release active, as it was)."""
+    key = ApiKey.objects.get(public_id=event.key)
+    org = Organization.objects.get(public_id=event.org)
+    plan = RolloutPlan.objects.filter(release__name=event.release, version=event.plan_version)
+    release = None
+    if event.plan_version is not None:
+        release = ReleaseEntry(
+            name=event.release,
+            public_id="",
+            state="active",
+            stage=plan_doc(plan.get()).stage(event.stage),
+            upstream_base_url="",
+            upstream_model="",
+            plan_version=event.plan_version,
+            created=0,
+        )
+    return decide(
+        key=KeyEntry(key.key_id, key.public_id, key.digest, org.pk, None, revoked=False),
+        org=OrgEntry(
+            org.public_id,
+            org.slug,
+            event.claimed_tier,
+            tuple((kind, None) for kind in event.verifications),
+        ),
+        release=release,
+        model=event.release,
+        request=RequestInfo(event.endpoint, stream=event.streamed, max_tokens=event.max_tokens),
+        now=event.created_at.timestamp(),
+    ).reason.value
+
+
+def test_usage_events_carry_what_replaying_their_decisions_needs(cast):
+    cast.apply(rpm=7)  # a second version of atlas-2's plan, which decisions now read
+    version = Release.objects.get(name="atlas-2").active_plan.version
+    assert version == 2
+    cast.client().chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=8)
+    with pytest.raises(openai.NotFoundError):
+        cast.client("acme-commercial").chat.completions.create(
+            model="atlas-2", messages=HELLO, stream=True
+        )
+    with pytest.raises(openai.BadRequestError):
+        cast.client().chat.completions.create(model="atlas-2", messages=HELLO, max_tokens=5000)
+    with pytest.raises(openai.NotFoundError):
+        cast.client("public-dev").chat.completions.create(model="atlas-3", messages=HELLO)
+
+    events = usage_events(4, endpoint="chat.completions")
+    assert [
+        (e.reason, e.plan_version, e.max_tokens, e.streamed, e.claimed_tier, e.verifications)
+        for e in events
+    ] == [
+        ("ok", 2, 8, False, "research_partner", frozenset({"monitoring_agreement"})),
+        ("model_not_available", 2, None, True, "verified_commercial", frozenset({"business_kyc"})),
+        (
+            "request_too_large",
+            2,
+            5000,
+            False,
+            "research_partner",
+            frozenset({"monitoring_agreement"}),
+        ),
+        ("unknown_model", None, None, False, "public", frozenset()),
+    ]
+    assert [_replayed(e) for e in events] == [e.reason for e in events]
 
 
 # --- bad keys and bad requests --------------------------------------------------------------

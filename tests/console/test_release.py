@@ -231,7 +231,7 @@ def test_charts_are_drawn_from_rollups_with_thresholds_and_series(browser, relea
             org="acme-commercial",
             tier="verified_commercial",
             decision="deny",
-            reason="tier_not_admitted",
+            reason="model_not_available",
             status=404,
         )
     )
@@ -264,7 +264,7 @@ def test_charts_are_drawn_from_rollups_with_thresholds_and_series(browser, relea
         "verified_commercial",
         "admitted",
         "rate_limited",
-        "tier_not_admitted",
+        "model_not_available",
         "error rate per bucket",
         "flag rate per bucket",
         "95% upper bound, cumulative",

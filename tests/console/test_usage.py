@@ -79,7 +79,7 @@ def traffic(release, northwind, acme):
                 base + timedelta(minutes=10 + n),
                 acme,
                 decision="deny",
-                reason="tier_not_admitted",
+                reason="model_not_available",
                 status=404,
                 prompt_tokens=0,
                 completion_tokens=0,

@@ -15,6 +15,7 @@ from django.db import connection, connections
 from django.db.models import Sum
 
 from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+from monitoring.records import UsageRecord
 from monitoring.rollups import (
     ADVISORY_LOCK_KEY,
     RollupReport,
@@ -26,7 +27,7 @@ from monitoring.rollups import (
     stage_totals,
     window_totals,
 )
-from monitoring.usage import FIELDS, write_events
+from monitoring.usage import write_events
 
 BASE = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # an hour boundary
 RELEASES = ("atlas-2", "boreas-1")
@@ -52,7 +53,7 @@ KEY_COLUMNS = (
 COUNTED = len(KEY_COLUMNS)  # where the counters start in a ROW_COLUMNS row
 # Refusal reasons of the random events, taken in turn (not from the random stream, so
 # the other draws stay as they were).
-REFUSALS = ("tier_not_admitted", "rate_limited", "rate_limited", "quota_exceeded")
+REFUSALS = ("model_not_available", "rate_limited", "rate_limited", "quota_exceeded")
 # API keys of the random events' organizations, in turn likewise: two keys, and a call
 # without a valid key (a refusal before the key is known, recorded with its org).
 KEY_SUFFIXES = ("_a", "_b", "_a", None)
@@ -84,33 +85,38 @@ def _event(
     prompt_tokens: int = 10,
     completion_tokens: int = 20,
     latency_ms: float = 12.5,
-) -> tuple:
-    """One event as the proxy records it: a tuple in ``FIELDS`` order."""
-    values = {
-        "created_at": at.timestamp(),
-        "request_id": f"req_{at.timestamp():.6f}",
-        "org": org,
-        "key": key if org and key else "",
-        "tier": tier,
-        "release": release,
-        "stage": stage,
-        "endpoint": "chat.completions",
-        "decision": decision,
-        "reason": reason or ("ok" if decision == "allow" else "tier_not_admitted"),
-        "status": 200 if decision == "allow" else 403,
-        "error": error,
-        "streamed": False,
-        "client_disconnected": False,
-        "flagged": flagged,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "latency_ms": latency_ms,
-        "upstream_latency_ms": None,
-    }
-    return tuple(values[name] for name in FIELDS)
+) -> UsageRecord:
+    """One event as the proxy records it."""
+    return UsageRecord(
+        **{
+            "created_at": at.timestamp(),
+            "request_id": f"req_{at.timestamp():.6f}",
+            "org": org,
+            "key": key if org and key else "",
+            "tier": tier,
+            "release": release,
+            "stage": stage,
+            "endpoint": "chat.completions",
+            "decision": decision,
+            "reason": reason or ("ok" if decision == "allow" else "model_not_available"),
+            "status": 200 if decision == "allow" else 403,
+            "error": error,
+            "streamed": False,
+            "client_disconnected": False,
+            "flagged": flagged,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms,
+            "upstream_latency_ms": None,
+            "plan_version": 1,
+            "max_tokens": None,
+            "claimed_tier": tier,
+            "verifications": (),
+        }
+    )
 
 
-def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[tuple]:
+def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[UsageRecord]:
     """Events over [BASE - 30 min, BASE + hours h), a tenth of them on a minute or hour
     edge or a microsecond before one. Latencies are multiples of 1/4, so their sums
     are exact whatever the order of addition."""
@@ -269,8 +275,8 @@ def test_rollup_pending_out_of_order_commit_within_lateness_is_counted(db):
     now = BASE + timedelta(hours=2)
     make = []
     for i in range(1, 11):
-        values = dict(zip(FIELDS, _event(now - timedelta(seconds=30 - i)), strict=True))
-        values["created_at"] = datetime.fromtimestamp(values["created_at"], UTC)
+        values = _event(now - timedelta(seconds=30 - i))._asdict()
+        values.update(created_at=datetime.fromtimestamp(values["created_at"], UTC), verifications=0)
         make.append(UsageEvent(id=i, **values))
     UsageEvent.objects.bulk_create([e for e in make if e.id not in (5, 6)])
     rollup_pending(now=now)
@@ -550,7 +556,7 @@ def test_rollups_keep_requests_per_key_in_each_bucket(db):
             _event(first + timedelta(seconds=30), key="key_batch"),
             _event(first, key="key_ci"),
             _event(first, key="key_ci", completion_tokens=0, **denied),
-            _event(first, key=None, decision="deny", reason="key_invalid", prompt_tokens=0),
+            _event(first, key=None, decision="deny", reason="invalid_key", prompt_tokens=0),
             _event(second, key="key_batch"),
             _event(second, key="key_ci", org="org_acme", tier="verified_commercial"),
         ]
@@ -561,14 +567,14 @@ def test_rollups_keep_requests_per_key_in_each_bucket(db):
     assert list(
         rows.values_list("bucket_seconds", "bucket_start", "org", "key", "reason", "requests")
     ) == [
-        (60, first, "org_northwind", "", "key_invalid", 1),
+        (60, first, "org_northwind", "", "invalid_key", 1),
         (60, first, "org_northwind", "key_batch", "ok", 2),
         (60, first, "org_northwind", "key_ci", "ok", 1),
         (60, first, "org_northwind", "key_ci", "rate_limited", 1),
         (60, second.replace(second=0), "org_acme", "key_ci", "ok", 1),
         (60, second.replace(second=0), "org_northwind", "key_batch", "ok", 1),
         (3600, BASE, "org_acme", "key_ci", "ok", 1),
-        (3600, BASE, "org_northwind", "", "key_invalid", 1),
+        (3600, BASE, "org_northwind", "", "invalid_key", 1),
         (3600, BASE, "org_northwind", "key_batch", "ok", 3),
         (3600, BASE, "org_northwind", "key_ci", "ok", 1),
         (3600, BASE, "org_northwind", "key_ci", "rate_limited", 1),

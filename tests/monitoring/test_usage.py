@@ -1,27 +1,30 @@
 """The usage buffer: batching, the writer thread, failures, overflow and clean shutdown;
-``write_events`` against the test database (COPY on PostgreSQL, bulk INSERT on SQLite);
-and ``mark_used`` writing keys' last_used_at."""
+``write_events`` against the test database (COPY on PostgreSQL, bulk INSERT on SQLite),
+the record's words stored as codes and read back as words; and ``mark_used`` writing
+keys' last_used_at through the callback the proxy gives."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from django.db import OperationalError, connection
 from django.utils import timezone
 
-from access.keys import issue_key
+from access.keys import issue_key, touch_keys_last_used
 from access.models import ApiKey
 from monitoring.models import UsageEvent
-from monitoring.usage import FIELDS, UsageRecorder, clean_text, write_events
+from monitoring.records import REASONS, UsageRecord
+from monitoring.usage import UsageRecorder, clean_text, write_events
 
 CREATED_AT = 1_790_000_000.25  # POSIX seconds, exact in binary and in microseconds
 
 
-def _event(n: int) -> tuple:
-    """Event ``n`` as the proxy records it: a tuple in ``FIELDS`` order."""
+def _event(n: int) -> UsageRecord:
+    """Event ``n`` as the proxy records it."""
     values = {
         "created_at": CREATED_AT + n,
         "request_id": f"req_{n:06d}",
@@ -42,19 +45,28 @@ def _event(n: int) -> tuple:
         "completion_tokens": 20 * n,
         "latency_ms": 12.5 + n,
         "upstream_latency_ms": None if n % 3 == 0 else 10.25 * n,
+        "plan_version": None if n == 5 else 3,
+        "max_tokens": None if n % 2 else 256 * n,
+        "claimed_tier": "research_partner",
+        # valid for ever; expired just before the request; expiring just after it
+        "verifications": (
+            ("monitoring_agreement", None),
+            ("business_kyc", CREATED_AT + n - 0.5),
+            ("academic_credential", CREATED_AT + n + 0.5),
+        ),
     }
-    return tuple(values[name] for name in FIELDS)
+    return UsageRecord(**values)
 
 
 class Writer:
     """A writer that keeps each batch, or raises like a database that is down."""
 
     def __init__(self, *, failures: int = 0) -> None:
-        self.batches: list[list[tuple]] = []
+        self.batches: list[list[UsageRecord]] = []
         self.failures = failures  # how many of the next calls fail; -1: all of them
         self.calls: list[float] = []  # monotonic time of each call
 
-    def __call__(self, batch: list[tuple]) -> None:
+    def __call__(self, batch: list[UsageRecord]) -> None:
         self.calls.append(time.monotonic())
         if self.failures:
             self.failures -= 1
@@ -62,7 +74,7 @@ class Writer:
         self.batches.append(list(batch))
 
     @property
-    def written(self) -> list[tuple]:
+    def written(self) -> list[UsageRecord]:
         return [event for batch in self.batches for event in batch]
 
 
@@ -233,11 +245,20 @@ def test_stop_without_thread_flushes():
 # --- the database ----------------------------------------------------------------------
 
 
-def _stored(event: tuple) -> tuple:
-    """What the row holds: the same values, created_at as an aware UTC datetime."""
-    values = dict(zip(FIELDS, event, strict=True))
-    values["created_at"] = datetime.fromtimestamp(values["created_at"], UTC)
-    return tuple(values[name] for name in FIELDS)
+FIELDS = UsageRecord._fields
+
+
+def _stored(event: UsageRecord) -> tuple:
+    """What the row reads as: the same values, created_at as an aware UTC datetime and
+    the verifications as the kinds still valid then."""
+    kinds = frozenset(
+        kind
+        for kind, expires in event.verifications
+        if expires is None or expires > event.created_at
+    )
+    return event._replace(
+        created_at=datetime.fromtimestamp(event.created_at, UTC), verifications=kinds
+    )
 
 
 @pytest.mark.django_db
@@ -247,6 +268,37 @@ def test_write_events_stores_rows_with_same_values():
     rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
     assert rows == [_stored(event) for event in events]
     assert rows[0][0] == datetime(2026, 9, 21, 14, 13, 20, 250_000, tzinfo=UTC)
+    assert rows[0][-1] == frozenset({"monitoring_agreement", "academic_credential"})
+
+
+@pytest.mark.django_db
+def test_write_events_stores_words_as_codes_and_filters_by_word():
+    write_events([_event(n) for n in range(6)])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tier, endpoint, decision, reason, error, claimed_tier, verifications"
+            f" FROM {UsageEvent._meta.db_table} WHERE request_id IN ('req_000003', 'req_000004')"
+            " ORDER BY request_id"
+        )
+        # research_partner 1, chat.completions 1, deny 2 / allow 1, rate_limited 9 / ok 1,
+        # no error 0 / upstream_error 1, academic_credential 2 | monitoring_agreement 4
+        assert cursor.fetchall() == [(1, 1, 2, 9, 0, 1, 6), (1, 1, 1, 1, 1, 1, 6)]
+    denied = UsageEvent.objects.filter(decision="deny", reason="rate_limited", error="")
+    assert list(denied.order_by("request_id").values_list("request_id", flat=True)) == [
+        "req_000000",
+        "req_000003",
+    ]
+
+
+@pytest.mark.django_db
+def test_write_events_stores_an_unknown_reason_as_other_and_logs_it_once(caplog):
+    events = [_event(1)._replace(reason="new_refusal"), _event(2)._replace(reason="new_refusal")]
+    REASONS.unknown.discard("new_refusal")
+    write_events(events)
+    assert list(UsageEvent.objects.values_list("reason", flat=True)) == ["other", "other"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "no reason code for 'new_refusal' yet: stored as 'other'"
+    ]
 
 
 @pytest.mark.django_db
@@ -266,21 +318,18 @@ def test_flush_with_default_writer_stores_rows():
     assert rows == [_stored(event) for event in events]
 
 
-def _with(event: tuple, **values) -> tuple:
-    return tuple(values.get(name, value) for name, value in zip(FIELDS, event, strict=True))
-
-
 @pytest.mark.django_db(transaction=True)
 def test_flush_sets_aside_an_event_the_database_refuses_and_writes_the_rest():
     # A negative status breaks a CHECK constraint on every database; on PostgreSQL a NUL
     # in text is refused too (found by fuzzing: one such row stopped every later write).
-    bad = [_with(_event(3), status=-1)]
+    # A tier the code table does not have cannot be stored either.
+    bad = [_event(3)._replace(status=-1), _event(5)._replace(tier="platinum")]
     if connection.vendor == "postgresql":
-        bad.append(_with(_event(7), release="atlas\x002"))
-    good = [_event(n) for n in range(10) if n not in (3, 7)]
+        bad.append(_event(7)._replace(release="atlas\x002"))
+    good = [_event(n) for n in range(10) if n not in (3, 5, 7)]
     rejected: list[int] = []
     recorder = UsageRecorder(on_reject=rejected.append)
-    for event in sorted(good + bad, key=lambda e: e[1]):
+    for event in sorted(good + bad, key=lambda e: e.request_id):
         recorder.record(event)
 
     assert recorder.flush() is True
@@ -314,11 +363,16 @@ def test_clean_text_replaces_control_characters_and_bounds_length():
     assert clean_text(secret, 63) == "sgk_0123456789abcdef_[redacted]"
 
 
+def _touch(interval_seconds: int):
+    """The callback the proxy gives: ``access.keys.touch_keys_last_used``."""
+    return partial(touch_keys_last_used, interval_seconds=interval_seconds)
+
+
 @pytest.mark.django_db
 def test_mark_used_sets_last_used_at_on_next_touch(northwind):
     api_key = issue_key(organization=northwind, name="t", actor=None).api_key
     other = issue_key(organization=northwind, name="other", actor=None).api_key
-    recorder = UsageRecorder(writer=Writer())
+    recorder = UsageRecorder(writer=Writer(), on_keys_used=_touch(60))
     recorder.mark_used(api_key.key_id)
     before = timezone.now()
     recorder._touch_keys()
@@ -334,7 +388,7 @@ def test_mark_used_writes_at_most_once_per_interval(northwind):
     api_key = issue_key(organization=northwind, name="t", actor=None).api_key
     recent = timezone.now() - timedelta(seconds=30)
     ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=recent)
-    recorder = UsageRecorder(writer=Writer(), last_used_interval=60)
+    recorder = UsageRecorder(writer=Writer(), on_keys_used=_touch(60))
     recorder.mark_used(api_key.key_id)
     recorder._touch_keys()
     api_key.refresh_from_db()
@@ -350,6 +404,6 @@ def test_mark_used_writes_at_most_once_per_interval(northwind):
 
 @pytest.mark.django_db
 def test_touch_keys_without_marks_runs_no_query(django_assert_num_queries):
-    recorder = UsageRecorder(writer=Writer())
+    recorder = UsageRecorder(writer=Writer(), on_keys_used=_touch(60))
     with django_assert_num_queries(0):
         recorder._touch_keys()

@@ -208,8 +208,9 @@ class Command(BaseCommand):
                 admitted=tier in stage.tiers
                 and (stage.allow_orgs is None or slug in stage.allow_orgs),
                 weight=share,
+                verifications=(evidence,) if evidence else (),
             )
-            for slug, _name, tier, _evidence, share in DEMO_ORGS
+            for slug, _name, tier, evidence, share in DEMO_ORGS
         ]
         callers.append(Caller("", "", "", False, UNKNOWN_KEY_SHARE))
         pause_at = (now - timedelta(days=3)).replace(hour=14, minute=20, second=0, microsecond=0)
@@ -220,6 +221,7 @@ class Command(BaseCommand):
             callers=callers,
             end=now,
             paused=paused,
+            plan_version=release.active_plan.version,
         )
         admin = User.objects.get(username="admin")
         for when, act, reason in (
