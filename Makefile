@@ -60,5 +60,6 @@ bench: install
 	$(BIN)/python bench/modes.py --scaling  # production vs embedded, 1 vs 2 workers (~30 min)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/deadlines.py
+	$(BIN)/python bench/usage_record.py
 	$(BIN)/python bench/reviews.py
 	$(BIN)/python bench/console.py
