@@ -184,7 +184,9 @@ def test_usage_events_carry_what_replaying_their_decisions_needs(cast):
 
 
 def test_bad_keys_get_authentication_errors(cast):
-    for key in ("sk-not-ours", cast.keys["acme-commercial"][:-1] + "x"):
+    genuine = cast.keys["acme-commercial"]
+    spoiled = genuine[:-1] + ("y" if genuine.endswith("x") else "x")  # one character off
+    for key in ("sk-not-ours", spoiled):
         client = openai.OpenAI(base_url=f"{cast.server.url}/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.AuthenticationError) as refused:
             client.models.list()
