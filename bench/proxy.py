@@ -673,7 +673,8 @@ def run_wrk(url: str, concurrency: int, seconds: int, script: Path, prefix: list
     ).stdout
     percentiles = {
         float(pct): wrk_ms(value)
-        for pct, value in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE)
+        # "     99%    1.02s ": wrk pads a one-letter unit with a space
+        for pct, value in re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE)
     }
     percentiles[99.9] = int(re.search(r"^p99\.9_us (\d+)$", out, re.MULTILINE).group(1)) / 1e3
     failures: collections.Counter[str] = collections.Counter()
@@ -1191,11 +1192,12 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
         for server in reversed(servers):
             server.stop(15)  # uvicorn shuts down; usage is flushed
         meta["loadavg_after"] = os.getloadavg()
+        if args.json:
+            write_json(args.json, args, runs, meta)
         print()
         print_runs(runs)
         print_ratios(runs)
         if args.json:
-            write_json(args.json, args, runs, meta)
             print(f"\nruns written to {args.json}")
         micro(args.iterations)
     finally:
