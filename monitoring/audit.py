@@ -47,6 +47,7 @@ class ObjectType(StrEnum):
     INCIDENT = "incident"
     USER = "user"
     GROUP = "group"
+    FLAGGED_SAMPLE = "flagged_sample"
 
     @classmethod
     def of_model(cls, model) -> ObjectType:

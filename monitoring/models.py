@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from monitoring.records import CodeField, KindsField
+from monitoring.redaction import RedactedCharField, RedactedTextField
 
 
 class AuditEvent(models.Model):
@@ -64,7 +66,9 @@ class UsageEvent(models.Model):
     error = CodeField(table="error", default="", blank=True, help_text="upstream_error, ...")
     streamed = models.BooleanField(default=False, help_text="The client asked for a stream.")
     client_disconnected = models.BooleanField(default=False)
-    flagged = models.BooleanField(default=False, help_text="Upstream content filter fired.")
+    flagged = models.BooleanField(
+        default=False, help_text="Flagged by screening or the upstream's content filter."
+    )
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(help_text="Total time in the proxy, to the last byte.")
@@ -80,6 +84,22 @@ class UsageEvent(models.Model):
     )
     verifications = KindsField(
         null=True, blank=True, help_text="Kinds of valid, unexpired verifications held."
+    )
+    # The database's own default too, so a writer that does not know the screening
+    # columns yet (an older worker during a deploy) still writes its rows.
+    flags = models.CharField(
+        max_length=255,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="Screening categories, sorted and comma-joined.",
+    )
+    routed_to = models.CharField(
+        max_length=63,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The release a screening rule routed the request to.",
     )
 
     class Meta:
@@ -194,3 +214,69 @@ class RollupCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} at event {self.last_event_id}, {self.rolled_up_to}"
+
+
+class FlaggedSample(models.Model):
+    """A redacted excerpt of a request (or an answer) that screening flagged, blocked or
+    routed, kept for human review while the stage's plan says ``retain_flagged``.
+
+    Written by the usage writer (``monitoring.usage``) from the proxy's
+    ``monitoring.records.FlagSample``; a reviewer confirms or dismisses it in the
+    console (``monitoring.flags.decide_sample``, audited); the periodic
+    ``monitoring.flags.delete_expired_samples`` deletes it once ``expires_at`` has
+    passed, whatever its status. Ids are public ones, as on the usage event, and there
+    is no foreign key to them: a sample outlives a deleted key or organization until
+    it expires.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        CONFIRMED = "confirmed"
+        DISMISSED = "dismissed"
+
+    class Source(models.TextChoices):
+        PROMPT = "prompt"
+        RESPONSE = "response"
+
+    class Action(models.TextChoices):
+        FLAG = "flag"
+        BLOCK = "block"
+        ROUTE = "route"
+
+    created_at = models.DateTimeField(help_text="When the request arrived.")
+    request_id = models.CharField(max_length=40)
+    release = models.CharField(max_length=63, help_text="Model called.")
+    stage = models.CharField(max_length=40, blank=True)
+    tier = models.CharField(max_length=32, blank=True)
+    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
+    key = models.CharField(max_length=24, blank=True, help_text="API key public id.")
+    categories = models.CharField(max_length=255, help_text="Sorted, comma-joined.")
+    source = models.CharField(max_length=8, choices=Source.choices)
+    action = models.CharField(max_length=8, choices=Action.choices)
+    excerpt = RedactedTextField(help_text="Redacted and bounded (monitoring.records.excerpt).")
+    status = models.CharField(
+        max_length=9, choices=Status.choices, default=Status.PENDING, db_index=True
+    )
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    note = RedactedCharField(max_length=500, blank=True, default="")
+    expires_at = models.DateTimeField(db_index=True, help_text="Deleted after this time.")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            # The review's counts (one release and stage over a period) and the queue's
+            # listing by release.
+            models.Index(
+                fields=["release", "stage", "created_at"], name="flagged_sample_review_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.release} {self.categories} {self.status}"
+
+    @property
+    def category_list(self) -> list[str]:
+        return self.categories.split(",") if self.categories else []

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 from django.db import models
 
+from monitoring.redaction import redact_secrets
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,9 @@ class UsageRecord(NamedTuple):
     error: str  # ERRORS: why the upstream failed, "" if it did not
     streamed: bool  # the client asked for a stream ("stream": true)
     client_disconnected: bool
-    flagged: bool  # the upstream's content filter fired
+    # Flagged by anything: the upstream's content filter fired, or screening flagged the
+    # request (the writer stores it as true whenever ``flags`` is not empty).
+    flagged: bool
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float  # total time in the proxy, to the last byte
@@ -64,6 +68,48 @@ class UsageRecord(NamedTuple):
     # The organization's valid verifications as the decision saw them, (kind, expires_at
     # in POSIX seconds or None); stored as the kinds unexpired at ``created_at``.
     verifications: tuple[tuple[str, float | None], ...]
+    # Screening (access.screening): the categories that flagged, blocked or routed the
+    # request, sorted and comma-joined ("" when none), and the release a ``route``
+    # rule sent it to ("" when not routed; ``release`` stays the model asked for).
+    flags: str = ""
+    routed_to: str = ""
+
+
+class FlagSample(NamedTuple):
+    """A redacted excerpt of a request (or answer) screening flagged, blocked or routed,
+    kept for human review when the stage's plan says ``retain_flagged``; written by the
+    usage writer to ``monitoring.models.FlaggedSample``."""
+
+    created_at: float  # POSIX seconds, when the request arrived
+    request_id: str
+    release: str  # the model name asked for, as on the usage event
+    stage: str
+    tier: str
+    org: str  # organization public id
+    key: str  # API key public id
+    categories: str  # sorted, comma-joined, as ``UsageRecord.flags``
+    source: str  # "prompt" | "response"
+    action: str  # "flag" | "block" | "route"
+    excerpt: str  # ``excerpt(text)``: redacted, bounded
+    retain_days: int  # the sample is deleted this many days after ``created_at``
+
+
+EXCERPT_LIMIT = 500
+
+
+def excerpt(text: str, limit: int = EXCERPT_LIMIT) -> str:
+    """What a flagged sample keeps of ``text``: every API key's secret redacted
+    (``monitoring.redaction``), whitespace controls (newline, tab) read as a space and
+    every other control, format or unassigned character (NUL among them) as U+FFFD,
+    cut to ``limit`` characters. Redacted before it is cut, so a key across the cut
+    leaves no part of its secret; only a key's length past the limit is read."""
+    head = text[: limit + 80]  # a whole key (under 80 characters) across the cut
+    head = redact_secrets(head)[:limit]
+    if not head.isprintable():
+        head = "".join(
+            ch if ch.isprintable() else " " if ch in "\t\n\r\x0b\x0c" else "\ufffd" for ch in head
+        )
+    return head
 
 
 class CodeTable:
@@ -194,6 +240,9 @@ REASONS = CodeTable(
         17: "policy_store_unavailable",
         18: "limits_unavailable",
         19: "request_timeout",
+        # screening (access.screening, the proxy's screening refusals)
+        20: "content_blocked",
+        21: "screening_unavailable",
     },
     fallback=0,
 )

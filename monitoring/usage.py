@@ -21,6 +21,13 @@ still cannot be written while the database is reachable (the database refuses a 
 or a tier, endpoint or verdict has no code), the batch is split until the event at
 fault is found: the rest is written, that event is set aside (logged, kept in
 ``UsageRecorder.rejected``) and counted in ``stagegate_usage_events_rejected_total``.
+
+Flagged samples (``monitoring.records.FlagSample``, the redacted excerpts screening
+keeps for human review) take the same path: ``record_sample`` buffers them (at most
+``max_samples`` per process, the oldest dropped beyond), the same thread writes them
+after the events of each flush, to ``monitoring.models.FlaggedSample``, with the same
+guarantees: kept while the database is unreachable, one refused sample set aside
+(``UsageRecorder.rejected_samples``) without blocking the others.
 """
 
 from __future__ import annotations
@@ -30,18 +37,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
-from monitoring.models import UsageEvent
+from monitoring.models import FlaggedSample, UsageEvent
 from monitoring.records import (
     ENDPOINTS,
     ERRORS,
     REASONS,
     TIERS,
     VERDICTS,
+    FlagSample,
     UsageRecord,
     valid_kinds,
 )
@@ -51,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # The usage table's columns, in the order ``_row`` gives them: the record's own fields.
 COLUMNS: tuple[str, ...] = UsageRecord._fields
-REJECTED_KEPT = 100  # events set aside that a worker keeps for inspection
+REJECTED_KEPT = 100  # events (and samples) set aside that a worker keeps for inspection
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -72,8 +80,9 @@ _TIER, _ENDPOINT, _VERDICT, _REASON, _ERROR = (
 
 def _row(event: UsageRecord, adapt=None) -> tuple:
     """The usage table's row for ``event``: its words as codes, its time a datetime
-    (passed through ``adapt``, the backend's storage format, if given) and the kinds of
-    verification still valid at that time as a bit set. ValueError for a word a closed
+    (passed through ``adapt``, the backend's storage format, if given), the kinds of
+    verification still valid at that time as a bit set, and ``flagged`` true whenever
+    screening flagged it (``flags`` not empty). ValueError for a word a closed
     vocabulary does not have. (It runs on the writer thread, which shares the
     interpreter lock with the requests: plain dictionary lookups first, the tables'
     fallbacks only for a word they do not know.)"""
@@ -101,6 +110,8 @@ def _row(event: UsageRecord, adapt=None) -> tuple:
         max_tokens,
         claimed_tier,
         verifications,
+        flags,
+        routed_to,
     ) = event
     try:
         codes = (_TIER[tier], _ENDPOINT[endpoint], _VERDICT[decision], _REASON[reason])
@@ -129,7 +140,7 @@ def _row(event: UsageRecord, adapt=None) -> tuple:
         error_code,
         streamed,
         client_disconnected,
-        flagged,
+        flagged or flags != "",
         prompt_tokens,
         completion_tokens,
         latency_ms,
@@ -138,6 +149,8 @@ def _row(event: UsageRecord, adapt=None) -> tuple:
         max_tokens,
         claimed_code,
         valid_kinds(verifications, at) if verifications else 0,
+        flags,
+        routed_to,
     )
 
 
@@ -164,6 +177,33 @@ def write_events(events: list[UsageRecord]) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
             adapt = connection.ops.adapt_datetimefield_value  # the ORM's storage format
             cursor.executemany(sql, [_row(event, adapt) for event in events])
+
+
+def write_samples(samples: list[FlagSample]) -> None:
+    """Write flagged samples in one INSERT; each expires ``retain_days`` after it was
+    made. The excerpt is redacted again on the way (``RedactedTextField``)."""
+    if not samples:
+        return
+    rows = []
+    for sample in samples:
+        created_at = datetime.fromtimestamp(sample.created_at, UTC)
+        rows.append(
+            FlaggedSample(
+                created_at=created_at,
+                request_id=sample.request_id,
+                release=clean_text(sample.release, 63),
+                stage=sample.stage,
+                tier=sample.tier,
+                org=sample.org,
+                key=sample.key,
+                categories=sample.categories,
+                source=sample.source,
+                action=sample.action,
+                excerpt=sample.excerpt,
+                expires_at=created_at + timedelta(days=sample.retain_days),
+            )
+        )
+    FlaggedSample.objects.bulk_create(rows)
 
 
 def database_reachable() -> bool:
@@ -193,6 +233,8 @@ class UsageRecorder:
         on_write: Callable[[int, float], None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         on_keys_used: Callable[..., object] | None = None,
+        sample_writer: Callable[[list[FlagSample]], None] = write_samples,
+        max_samples: int = 10_000,
     ) -> None:
         """``on_keys_used(key_ids, now=...)`` writes the last-used time of the keys
         ``mark_used`` named since its last call (the proxy passes
@@ -209,6 +251,12 @@ class UsageRecorder:
         self.rejected: deque[UsageRecord] = deque(maxlen=REJECTED_KEPT)
         self._on_write = on_write
         self._buffer: deque[UsageRecord] = deque()
+        self._sample_writer = sample_writer
+        self.max_samples = max_samples
+        self._samples: deque[FlagSample] = deque()
+        self.rejected_samples: deque[FlagSample] = deque(maxlen=REJECTED_KEPT)
+        self.samples_dropped = 0
+        self.samples_written = 0
         self._used: set[str] = set()  # key ids whose last_used_at is due
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -227,6 +275,13 @@ class UsageRecorder:
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
+    def record_sample(self, sample: FlagSample) -> None:
+        """Buffer one flagged sample for the next flush. Never blocks, never raises."""
+        if len(self._samples) >= self.max_samples:
+            self._samples.popleft()
+            self.samples_dropped += 1
+        self._samples.append(sample)
+
     def mark_used(self, key_id: str) -> None:
         """Have the next flush write the key's last_used_at (the caller rate-limits this)."""
         self._used.add(key_id)
@@ -234,37 +289,73 @@ class UsageRecorder:
     def pending(self) -> int:
         return len(self._buffer)
 
+    def pending_samples(self) -> int:
+        return len(self._samples)
+
     def flush(self) -> bool:
-        """Write everything buffered so far; while the database is unreachable keep it
-        for the next try. Returns False if anything was kept."""
+        """Write everything buffered so far (events, then samples); while the database
+        is unreachable keep it for the next try. Returns False if anything was kept."""
         batch: list[UsageRecord] = []
         while self._buffer:
             batch.append(self._buffer.popleft())
-        if not batch:
-            return True
-        started = time.perf_counter()
+        if batch:
+            started = time.perf_counter()
+
+            def written(count: int) -> None:
+                self.written += count
+                if self._on_write is not None:
+                    self._on_write(count, time.perf_counter() - started)
+
+            kept, error = self._write(batch, self._writer, written, self._reject)
+            if kept:
+                log.warning("usage events not written yet (%d kept): %s", len(kept), error)
+                self._keep(kept)
+                return False  # the samples wait for the database too
+        samples: list[FlagSample] = []
+        while self._samples:
+            samples.append(self._samples.popleft())
+        if samples:
+            kept_samples, error = self._write(
+                samples, self._sample_writer, self._samples_written, self._reject_sample
+            )
+            if kept_samples:
+                log.warning(
+                    "flagged samples not written yet (%d kept): %s", len(kept_samples), error
+                )
+                self._samples.extendleft(reversed(kept_samples))
+                while len(self._samples) > self.max_samples:
+                    self._samples.popleft()
+                    self.samples_dropped += 1
+                return False
+        return True
+
+    def _write(
+        self, batch: list, writer: Callable, written: Callable, reject: Callable
+    ) -> tuple[list, Exception | None]:
+        """Write ``batch`` through ``writer``, halving a part the database refuses until
+        the item at fault is found and set aside (``reject``); ``written(count)`` after
+        each part written. Returns what is left unwritten because the database is
+        unreachable (empty when done) and the error that said so."""
         parts = [batch]
         while parts:
             part = parts.pop()
             try:
-                self._writer(part)
+                writer(part)
             except Exception as exc:
                 connection.close()
                 if not self._reachable():  # an outage: keep this and what is left
-                    kept = [event for rest in (*parts, part) for event in rest]
-                    log.warning("usage events not written yet (%d kept): %s", len(kept), exc)
-                    self._keep(kept)
-                    return False
+                    return [item for rest in (*parts, part) for item in rest], exc
                 if len(part) > 1:  # the database refused something in it: halve it
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]
                 else:
-                    self._reject(part[0], exc)
+                    reject(part[0], exc)
                 continue
-            self.written += len(part)
-            if self._on_write is not None:
-                self._on_write(len(part), time.perf_counter() - started)
-        return True
+            written(len(part))
+        return [], None
+
+    def _samples_written(self, count: int) -> None:
+        self.samples_written += count
 
     def _keep(self, events: list[UsageRecord]) -> None:
         """Put unwritten events back at the head of the buffer, within ``max_buffer``."""
@@ -282,6 +373,10 @@ class UsageRecorder:
         log.error("usage event %s set aside, it cannot be written: %s", event.request_id, exc)
         if self._on_reject is not None:
             self._on_reject(1)
+
+    def _reject_sample(self, sample: FlagSample, exc: Exception) -> None:
+        self.rejected_samples.append(sample)
+        log.error("flagged sample %s set aside, it cannot be written: %s", sample.request_id, exc)
 
     def start(self) -> None:
         if self._thread is None:

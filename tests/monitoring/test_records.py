@@ -22,6 +22,7 @@ from monitoring.records import (
     VERDICTS,
     VERIFICATION_KINDS,
     CodeTable,
+    excerpt,
     valid_kinds,
 )
 from rollout.plan_schema import TIERS as PLAN_TIERS
@@ -62,6 +63,8 @@ STABLE = {
         17: "policy_store_unavailable",
         18: "limits_unavailable",
         19: "request_timeout",
+        20: "content_blocked",
+        21: "screening_unavailable",
     },
     "error": {
         0: "",
@@ -166,3 +169,17 @@ def test_a_code_unknown_to_this_build_reads_the_same_in_sql_and_in_python():
         )
     row = UsageEvent.objects.annotate(word=REASONS.words_of("reason")).get()
     assert (row.reason, row.word) == ("reason:999", "reason:999")
+
+
+def test_excerpt_redacts_keys_replaces_control_characters_and_bounds_length():
+    key = "sgk_0123456789abcdef_" + "S" * 43 + "abcdef"
+    assert excerpt(f"use {key}\nplease\x00") == "use sgk_0123456789abcdef_[redacted] please\ufffd"
+    assert excerpt("é" * 600) == "é" * 500
+    assert excerpt("how do I\tmake it", limit=8) == "how do I"
+
+
+def test_excerpt_redacts_a_key_across_the_cut_before_cutting():
+    key = "sgk_0123456789abcdef_" + "S" * 43 + "abcdef"
+    text = "x" * 480 + key
+    assert excerpt(text) == "x" * 480 + "sgk_0123456789abcdef"
+    assert excerpt(text, limit=520) == "x" * 480 + "sgk_0123456789abcdef_[redacted]"

@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from access.keys import issue_key, touch_keys_last_used
 from access.models import ApiKey
-from monitoring.models import UsageEvent
-from monitoring.records import REASONS, UsageRecord
+from monitoring.models import FlaggedSample, UsageEvent
+from monitoring.records import REASONS, FlagSample, UsageRecord, excerpt
 from monitoring.usage import UsageRecorder, clean_text, write_events
 
 CREATED_AT = 1_790_000_000.25  # POSIX seconds, exact in binary and in microseconds
@@ -268,7 +268,9 @@ def test_write_events_stores_rows_with_same_values():
     rows = list(UsageEvent.objects.order_by("request_id").values_list(*FIELDS))
     assert rows == [_stored(event) for event in events]
     assert rows[0][0] == datetime(2026, 9, 21, 14, 13, 20, 250_000, tzinfo=UTC)
-    assert rows[0][-1] == frozenset({"monitoring_agreement", "academic_credential"})
+    assert rows[0][FIELDS.index("verifications")] == frozenset(
+        {"monitoring_agreement", "academic_credential"}
+    )
 
 
 @pytest.mark.django_db
@@ -407,3 +409,114 @@ def test_touch_keys_without_marks_runs_no_query(django_assert_num_queries):
     recorder = UsageRecorder(writer=Writer(), on_keys_used=_touch(60))
     with django_assert_num_queries(0):
         recorder._touch_keys()
+
+
+# --- screening: flags on the event, flagged samples ---------------------------------------
+
+
+@pytest.mark.django_db
+def test_write_events_stores_screening_flags_and_sets_flagged():
+    flagged = _event(2)._replace(flags="cyber,weapons", flagged=False)
+    routed = _event(4)._replace(flags="cyber", routed_to="atlas-2-mini", flagged=False)
+    write_events([_event(1), flagged, routed, _event(5)])
+    rows = UsageEvent.objects.order_by("request_id").values_list(
+        "request_id", "flagged", "flags", "routed_to"
+    )
+    assert list(rows) == [
+        ("req_000001", True, "", ""),  # the upstream's content filter
+        ("req_000002", True, "cyber,weapons", ""),
+        ("req_000004", True, "cyber", "atlas-2-mini"),
+        ("req_000005", False, "", ""),
+    ]
+
+
+def _sample(n: int, **changes) -> FlagSample:
+    key = "sgk_0123456789abcdef_" + "Ab1" * 15
+    values = {
+        "created_at": CREATED_AT + n,
+        "request_id": f"req_{n:06d}",
+        "release": "atlas-2",
+        "stage": "research_preview",
+        "tier": "research_partner",
+        "org": "org_northwind",
+        "key": "key_0123456789abcdef",
+        "categories": "cyber,weapons",
+        "source": "prompt",
+        "action": "flag",
+        "excerpt": excerpt(f"my key is {key}, now write ransomware"),
+        "retain_days": 30,
+    }
+    return FlagSample(**{**values, **changes})
+
+
+@pytest.mark.django_db
+def test_record_sample_is_written_by_the_next_flush_and_expires_after_its_days():
+    recorder = UsageRecorder()
+    recorder.record(_event(1))
+    recorder.record_sample(_sample(1))
+    recorder.record_sample(_sample(2, source="response", action="block", retain_days=1))
+    assert recorder.pending_samples() == 2
+
+    assert recorder.flush() is True
+
+    rows = FlaggedSample.objects.order_by("request_id").values_list(
+        "request_id", "categories", "source", "action", "excerpt", "status", "decided_by"
+    )
+    assert list(rows) == [
+        (
+            f"req_00000{n}",
+            "cyber,weapons",
+            source,
+            action,
+            "my key is sgk_0123456789abcdef_[redacted], now write ransomware",
+            "pending",
+            None,
+        )
+        for n, source, action in ((1, "prompt", "flag"), (2, "response", "block"))
+    ]
+    first, second = FlaggedSample.objects.order_by("request_id")
+    created = datetime.fromtimestamp(CREATED_AT + 1, UTC)
+    assert (first.created_at, first.expires_at) == (created, created + timedelta(days=30))
+    assert second.expires_at == second.created_at + timedelta(days=1)
+    assert (recorder.pending_samples(), recorder.samples_written, UsageEvent.objects.count()) == (
+        0,
+        2,
+        1,
+    )
+
+
+def test_samples_wait_while_the_database_is_unreachable():
+    events, samples = Writer(failures=1), Writer(failures=0)
+    recorder = UsageRecorder(writer=events, sample_writer=samples, reachable=lambda: False)
+    recorder.record(_event(0))
+    recorder.record_sample(_sample(0))
+    assert recorder.flush() is False
+    assert (recorder.pending(), recorder.pending_samples(), samples.calls) == (1, 1, [])
+    assert recorder.flush() is True
+    assert (events.written, samples.written) == ([_event(0)], [_sample(0)])
+
+
+def test_record_sample_beyond_max_samples_drops_the_oldest():
+    samples = Writer()
+    recorder = UsageRecorder(writer=Writer(), sample_writer=samples, max_samples=2)
+    for n in range(3):
+        recorder.record_sample(_sample(n))
+    assert recorder.flush() is True
+    assert (samples.written, recorder.samples_dropped) == ([_sample(1), _sample(2)], 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_flush_sets_aside_a_sample_the_database_refuses_and_writes_the_rest():
+    bad = _sample(3, source="p" * 100) if connection.vendor == "postgresql" else None
+    bad = bad or _sample(3, retain_days=10**9)  # an expiry no database can store
+    recorder = UsageRecorder()
+    for sample in (_sample(1), bad, _sample(5)):
+        recorder.record_sample(sample)
+    assert recorder.flush() is True
+    assert list(
+        FlaggedSample.objects.order_by("request_id").values_list("request_id", flat=True)
+    ) == [
+        "req_000001",
+        "req_000005",
+    ]
+    assert list(recorder.rejected_samples) == [bad]
