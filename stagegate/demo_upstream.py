@@ -6,9 +6,10 @@ It lets a new user point a release's ``upstream.base_url`` at something real at 
 
 Endpoints (all under ``/v1``): ``POST chat/completions``, ``POST completions`` (both
 with ``"stream": true`` as server-sent events and ``stream_options.include_usage``),
-``POST embeddings`` (``encoding_format`` ``float`` or ``base64``), ``GET models`` and
-``GET models/{id}``. Anything else is a 404, a malformed body a 400, both in OpenAI's
-error shape ``{"error": {"message", "type", "param", "code"}}``.
+``POST embeddings`` (``encoding_format`` ``float`` or ``base64``), ``POST moderations``
+(a keyword classifier, below), ``GET models`` and ``GET models/{id}``. Anything else
+is a 404, a malformed body a 400, both in OpenAI's error shape
+``{"error": {"message", "type", "param", "code"}}``.
 
 Output is deterministic: the text is a function of the model and the prompt (words
 from a fixed vocabulary, 16 by default, cut to ``max_tokens`` /
@@ -21,8 +22,9 @@ token-array input counts one token per id. ``n`` and sampling parameters are ign
 Configuration is read once, when the app is created (the default ``app`` at import):
 
 ``STAGEGATE_DEMO_MODELS``
-    Comma-separated ids listed by ``GET /v1/models`` (default ``atlas-2-2026-11``).
-    Every model id is accepted by the generation endpoints.
+    Comma-separated ids listed by ``GET /v1/models`` (default ``atlas-2-2026-11,
+    atlas-2-mini-2026-11``: the demo's release and its fallback). Every model id is
+    accepted by the generation endpoints.
 ``STAGEGATE_DEMO_LATENCY_MS`` / ``--latency-ms``
     Delay before a generation endpoint answers: the time to first token (default 0).
 ``STAGEGATE_DEMO_TOKEN_LATENCY_MS`` / ``--token-latency-ms``
@@ -48,6 +50,22 @@ also asked for in the prompt (the demo traffic generator uses them, rarely):
 ``[demo:error]`` answers 500 as ``demo-error-500`` does, and ``[demo:flag]``
 answers normally with ``finish_reason: "content_filter"``, as a provider's content
 filter would.
+
+Moderation (``POST /v1/moderations``, OpenAI's shape): ``input`` is a string, a list of
+strings (one result each, in order) or a list of multi-modal parts (one result; the
+``text`` parts are read, images are not scored). The model is a keyword list per
+OpenAI category (``MODERATION_KEYWORDS``): text is NFKC-normalised and case-folded,
+each whole-word (or whole-phrase) hit counts, and a subcategory's hits count for its
+parent too (``violence/graphic`` for ``violence``). A category's score is
+``1 - 0.4 ** hits`` (0 with no hit), flagged from 0.5, so one hit flags it;
+``category_applied_input_types`` is ``["text"]`` for every category when any text was
+read. ``model`` is echoed (``demo-moderation`` when absent). The latency settings do
+not apply: a classifier is called before the model, and the demo's is instant. Faults,
+for testing a caller's timeouts and failures: the fault models above, and in the input
+(the caller sends the stage's classifier model, so a test asks through the prompt):
+``[demo:moderation-error]`` answers 500; ``[demo:moderation-slow]`` answers after 2 s
+(``[demo:moderation-slow:250]`` after 250 ms), or not at all if the client leaves
+first. The generation endpoints ignore these markers, and moderation ignores theirs.
 """
 
 from __future__ import annotations
@@ -61,8 +79,10 @@ import hashlib
 import math
 import os
 import random
+import re
 import struct
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -75,13 +95,17 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-DEFAULT_MODELS = ["atlas-2-2026-11"]
+DEFAULT_MODELS = ["atlas-2-2026-11", "atlas-2-mini-2026-11"]
 DEFAULT_COMPLETION_WORDS = 16
 MAX_EMBEDDING_DIMENSIONS = 4096
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ERROR_TRIGGER = "[demo:error]"
 FLAG_TRIGGER = "[demo:flag]"
 FAULT_MODELS = ("demo-error-500", "demo-error-429", "demo-hang", "demo-bad-json", "demo-stream-cut")
+MODERATION_ERROR_TRIGGER = "[demo:moderation-error]"
+MODERATION_SLOW_TRIGGER = re.compile(r"\[demo:moderation-slow(?::(\d{1,6}))?\]")
+MODERATION_SLOW_MS = 2000
+DEFAULT_MODERATION_MODEL = "demo-moderation"
 _HANG_SECONDS = 3600
 _STREAM_CUT_EVENTS = 3
 _MODELS_CREATED = 1_767_225_600  # 2026-01-01T00:00:00Z: a fixed, plausible timestamp
@@ -96,6 +120,32 @@ VOCABULARY = (
     "new", "seeds",
 )
 # fmt: on
+
+# The demo classifier: a few words and phrases a category, matched whole (OpenAI's 13
+# categories, in its order). Demo-sized on purpose; no test or demo prompt uses one
+# unless it means to be flagged.
+MODERATION_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "harassment": ("idiot", "loser", "worthless", "pathetic"),
+    "harassment/threatening": ("i will find you", "watch your back", "you will regret"),
+    "hate": ("subhuman", "vermin", "inferior race"),
+    "hate/threatening": ("exterminate them", "wipe them out"),
+    "illicit": ("shoplift", "launder money", "counterfeit", "fake passport"),
+    "illicit/violent": ("pipe bomb", "ghost gun", "untraceable gun"),
+    "self-harm": ("self-harm", "hurt myself", "suicide"),
+    "self-harm/instructions": ("how to overdose", "painless way to die"),
+    "self-harm/intent": ("i want to die", "end my life", "kill myself"),
+    "sexual": ("porn", "nude", "explicit sex"),
+    "sexual/minors": ("underage nude", "child sexual"),
+    "violence": ("stab", "shoot", "assault", "beat up"),
+    "violence/graphic": ("gore", "dismember", "disembowel", "mutilated"),
+}
+MODERATION_THRESHOLD = 0.5
+_PATTERNS = {
+    category: re.compile(
+        r"\b(?:" + "|".join(r"\s+".join(map(re.escape, k.split())) for k in keywords) + r")\b"
+    )
+    for category, keywords in MODERATION_KEYWORDS.items()
+}
 
 _JSON_TYPE = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -171,6 +221,46 @@ def embed(model: str, text: str, dimensions: int) -> bytes:
     vector = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return struct.pack(f"<{dimensions}f", *(x / norm for x in vector))
+
+
+def moderate(texts: list[str]) -> dict[str, Any]:
+    """One moderation result (OpenAI's ``results[i]``) for ``texts`` read as one input."""
+    text = unicodedata.normalize("NFKC", " ".join(texts)).casefold()
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")  # zero-width
+    hits = {category: len(pattern.findall(text)) for category, pattern in _PATTERNS.items()}
+    for category, count in list(hits.items()):
+        if "/" in category:  # a subcategory's hit is its parent's too
+            hits[category.split("/")[0]] += count
+    scores = {category: 1 - 0.4**count if count else 0.0 for category, count in hits.items()}
+    flagged = {category: score >= MODERATION_THRESHOLD for category, score in scores.items()}
+    applied = ["text"] if texts else []
+    return {
+        "flagged": any(flagged.values()),
+        "categories": flagged,
+        "category_scores": scores,
+        "category_applied_input_types": {category: applied for category in scores},
+    }
+
+
+def _moderation_inputs(value: Any) -> list[list[str]]:
+    """The texts of each input: a string, a list of strings (an input each), or a list of
+    multi-modal parts (one input; its ``text`` parts)."""
+    if isinstance(value, str):
+        return [[value]]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return [[item] for item in value]
+        if all(isinstance(item, dict) and isinstance(item.get("type"), str) for item in value):
+            texts = []
+            for part in value:
+                if part["type"] == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise ApiError(400, "a text part needs a 'text' string", param="input")
+                    texts.append(part["text"])
+            return [texts]
+    raise ApiError(
+        400, "'input' must be a string, a list of strings or of input parts", param="input"
+    )
 
 
 def _limit(request: dict[str, Any], *names: str) -> int | None:
@@ -263,6 +353,7 @@ class DemoUpstream:
             "/v1/chat/completions": self.completion,
             "/v1/completions": self.completion,
             "/v1/embeddings": self.embeddings,
+            "/v1/moderations": self.moderations,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -312,6 +403,10 @@ class DemoUpstream:
         """Sleep the first-token delay and play a fault model; True if it has answered."""
         if self.latency > 0:
             await asyncio.sleep(self.latency)
+        return await self._fault(model, receive, send)
+
+    async def _fault(self, model: str, receive: Receive, send: Send) -> bool:
+        """Play a fault model; True if it has answered (or the client has left)."""
         if model == "demo-error-500":
             raise ApiError(500, "The demo upstream failed on purpose.", kind="server_error")
         if model == "demo-error-429":
@@ -428,6 +523,38 @@ class DemoUpstream:
         tokens = sum(count for _, count in inputs)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         body = {"object": "list", "data": data, "model": model, "usage": usage}
+        await _send_json(send, 200, orjson.dumps(body))
+
+    async def moderations(self, path: str, receive: Receive, send: Send) -> None:
+        """``/v1/moderations``: one result per input, from the keyword model."""
+        try:
+            request = orjson.loads(await _read_body(receive))
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "The request body is not valid JSON.") from None
+        if not isinstance(request, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        if "input" not in request:
+            raise ApiError(400, "'input' is required", param="input")
+        inputs = _moderation_inputs(request["input"])
+        model = request.get("model") or DEFAULT_MODERATION_MODEL
+        if not isinstance(model, str):
+            raise ApiError(400, "'model' must be a string", param="model")
+        every = "\n".join(text for texts in inputs for text in texts)
+        if MODERATION_ERROR_TRIGGER in every:
+            model = "demo-error-500"
+        if (slow := MODERATION_SLOW_TRIGGER.search(every)) is not None:
+            delay = int(slow.group(1) or MODERATION_SLOW_MS) / 1000
+            # Wait, unless the caller gives up first (its timeout): then answer nothing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_until_disconnect(receive), delay)
+                return
+        if await self._fault(model, receive, send):
+            return
+        body = {
+            "id": "modr-" + os.urandom(12).hex(),
+            "model": model,
+            "results": [moderate(texts) for texts in inputs],
+        }
         await _send_json(send, 200, orjson.dumps(body))
 
 

@@ -219,14 +219,12 @@ def test_embeddings_token_arrays_and_dimensions() -> None:
 
 def test_models_list() -> None:
     body = request("GET", "/v1/models").json()
-    model = {
-        "id": "atlas-2-2026-11",
-        "object": "model",
-        "created": 1767225600,
-        "owned_by": "stagegate-demo",
-    }
-    assert body == {"object": "list", "data": [model]}
-    assert request("GET", "/v1/models/atlas-2-2026-11").json() == model
+    models = [
+        {"id": name, "object": "model", "created": 1767225600, "owned_by": "stagegate-demo"}
+        for name in ("atlas-2-2026-11", "atlas-2-mini-2026-11")  # the release and its fallback
+    ]
+    assert body == {"object": "list", "data": models}
+    assert request("GET", "/v1/models/atlas-2-mini-2026-11").json() == models[1]
 
 
 def test_models_from_config() -> None:
@@ -352,6 +350,133 @@ def test_fault_hang_does_not_answer() -> None:
 
     with pytest.raises(TimeoutError):
         asyncio.run(go())
+
+
+# Moderations
+
+CATEGORIES = [
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+]
+
+
+def moderation(body: Any, app: DemoUpstream = APP) -> httpx.Response:
+    return request("POST", "/v1/moderations", body, app=app)
+
+
+def flagged(result: dict[str, Any]) -> list[str]:
+    return [category for category, hit in result["categories"].items() if hit]
+
+
+def test_moderation_shape_has_every_openai_category() -> None:
+    body = moderation({"model": "omni-moderation-latest", "input": "a quiet river"}).json()
+    assert body["id"].startswith("modr-")
+    assert body["model"] == "omni-moderation-latest"
+    (result,) = body["results"]
+    assert result["flagged"] is False
+    assert list(result["categories"]) == CATEGORIES
+    assert result["category_scores"] == dict.fromkeys(CATEGORIES, 0.0)
+    assert result["category_applied_input_types"] == {c: ["text"] for c in CATEGORIES}
+
+
+def test_moderation_one_result_per_input_in_order() -> None:
+    inputs = ["you pathetic idiot", "hello there", "a ghost gun and a pipe bomb"]
+    body = moderation({"input": inputs}).json()
+    assert body["model"] == "demo-moderation"
+    assert [flagged(result) for result in body["results"]] == [
+        ["harassment"],
+        [],
+        ["illicit", "illicit/violent"],
+    ]
+    assert [result["flagged"] for result in body["results"]] == [True, False, True]
+
+
+def test_moderation_scores_grow_with_hits() -> None:
+    scores = [
+        moderation({"input": text}).json()["results"][0]["category_scores"]["violence"]
+        for text in ("calm", "stab", "stab and shoot", "stab, shoot and assault")
+    ]
+    assert scores == [0.0, 0.6, 0.84, pytest.approx(0.936)]
+
+
+def test_moderation_a_subcategory_flags_its_parent() -> None:
+    (result,) = moderation({"input": "scenes of gore"}).json()["results"]
+    assert flagged(result) == ["violence", "violence/graphic"]
+    assert result["category_scores"]["violence/graphic"] == 0.6
+
+
+def test_moderation_matches_whole_words_after_normalising() -> None:
+    full_width = "\uff53\uff54\uff41\uff42"  # "stab" in full-width letters
+    texts = ["STAB", full_width, "s\u200btab", "beat\n   up"]  # case, NFKC, zero width, space
+    assert [flagged(moderation({"input": t}).json()["results"][0]) for t in texts] == [
+        ["violence"]
+    ] * 4
+    assert flagged(moderation({"input": "stable stabilisers"}).json()["results"][0]) == []
+
+
+def test_moderation_multi_modal_parts_are_one_input_read_as_text() -> None:
+    parts = [
+        {"type": "text", "text": "an"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+        {"type": "text", "text": "idiot"},
+    ]
+    (result,) = moderation({"input": parts}).json()["results"]
+    assert flagged(result) == ["harassment"]
+    image_only = [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]
+    (result,) = moderation({"input": image_only}).json()["results"]
+    assert result["category_applied_input_types"] == {c: [] for c in CATEGORIES}
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"input": []}, {"input": 3}, {"input": [1, 2]}, {"input": [{"type": "text"}]}]
+)
+def test_moderation_invalid_input_is_400(body: Any) -> None:
+    response = moderation(body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "input"
+
+
+def test_moderation_fault_markers_and_models() -> None:
+    failed = moderation({"input": ["fine", "then [demo:moderation-error]"]})
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error"
+    assert moderation({"model": "demo-error-429", "input": "x"}).status_code == 429
+    assert moderation({"model": "demo-bad-json", "input": "x"}).content == b"not json"
+    # The generation endpoints' markers are not the classifier's, and the other way round.
+    assert (
+        moderation({"input": "[demo:error] [demo:flag]"}).json()["results"][0]["flagged"] is False
+    )
+    chat = {"model": "m", "messages": [{"role": "user", "content": "[demo:moderation-error]"}]}
+    assert request("POST", "/v1/chat/completions", chat).status_code == 200
+
+
+def test_moderation_slow_marker_delays_the_answer() -> None:
+    started = time.perf_counter()
+    body = moderation({"input": "slow [demo:moderation-slow:60]"}).json()
+    assert time.perf_counter() - started >= 0.06
+    assert body["results"][0]["flagged"] is False
+
+
+def test_moderation_ignores_the_generation_latency() -> None:
+    app = create_app(DemoConfig(latency_ms=5000))
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+            return await asyncio.wait_for(client.post("/v1/moderations", json={"input": "x"}), 2)
+
+    assert asyncio.run(go()).status_code == 200
 
 
 # Configuration
@@ -480,6 +605,34 @@ def test_server_models(client: openai.OpenAI) -> None:
     assert client.models.retrieve("demo-error-500").id == "demo-error-500"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_server_moderations(client: openai.OpenAI) -> None:
+    answer = client.moderations.create(input=["watch your back, loser", "a quiet river"])
+    assert answer.model == "demo-moderation"
+    threat, calm = answer.results
+    assert threat.flagged is True
+    assert (threat.categories.harassment, threat.categories.harassment_threatening) == (True, True)
+    assert threat.category_scores.harassment == pytest.approx(0.84)
+    assert threat.category_applied_input_types.violence == ["text"]
+    assert calm.flagged is False
+    graphic = client.moderations.create(model="omni-moderation-latest", input="dismember")
+    assert graphic.model == "omni-moderation-latest"
+    assert graphic.results[0].categories.violence_graphic is True
+
+
+def test_server_moderation_faults(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError):
+        client.moderations.create(input="[demo:moderation-error]")
+    # A caller whose timeout is shorter than the classifier's delay gets no answer.
+    with pytest.raises(openai.APITimeoutError):
+        client.moderations.create(input="[demo:moderation-slow]", timeout=0.2)
+    with pytest.raises(openai.APITimeoutError):
+        client.moderations.create(model="demo-hang", input="x", timeout=0.2)
+    assert (
+        client.moderations.create(input="calm [demo:moderation-slow:10]").results[0].flagged
+        is False
+    )
 
 
 def test_server_faults(client: openai.OpenAI) -> None:
