@@ -6,7 +6,9 @@ server on another port gets a new plan version pointing at port N, through
 ``apply_plan`` (validated, versioned and audited like any change). A release counts
 as the demo's when its upstream is a loopback address and its upstream model is one
 the demo server lists (``STAGEGATE_DEMO_MODELS``); any other upstream is left alone,
-so a real model server on this machine is never repointed.
+so a real model server on this machine is never repointed. A stage's screening
+classifier on the same demo server (its URL under the old base URL, as the demo
+plan's ``/v1/moderations``) moves with it; a classifier elsewhere is left alone.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def follow_demo_upstream(base_url: str, demo_models: Iterable[str]) -> list[str]
         ):
             continue
         document = json.loads(json.dumps(release.active_plan.document))
+        old = document["upstream"]["base_url"].rstrip("/")
         document["upstream"]["base_url"] = base_url
+        for stage in document["stages"]:
+            classifier = (stage.get("screening") or {}).get("classifier") or {}
+            if classifier.get("url", "").startswith(f"{old}/"):
+                classifier["url"] = base_url.rstrip("/") + classifier["url"][len(old) :]
         apply_plan(
             json.dumps(document),
             actor=ACTOR,

@@ -12,12 +12,15 @@ from django.core.management.base import CommandError
 from django.db.models import Sum
 from django.utils import timezone
 
+from access.explain import explain_access
 from access.keys import authenticate_key
 from access.management.commands.seed_demo import DEMO_ORGS, org_admin_username
 from access.models import ApiKey, Organization
 from access.tier_changes import effective_tiers_by_release
 from monitoring.models import UsageEvent, UsageRollup
 from rollout.models import Release, Review, StageTransition
+from rollout.plan_schema import TIERS
+from rollout.plans import plan_doc
 from rollout.reviews import evaluate
 from stagegate.roles import admin_org_ids, staff_roles
 
@@ -116,7 +119,26 @@ def test_seeded_orgs_hold_their_tiers_with_valid_evidence(db, settings, tmp_path
     call_command("seed_demo", "--no-history")
     now = timezone.now()
     for org in Organization.objects.all():
-        assert effective_tiers_by_release(org, now) == {"atlas-2": org.tier}
+        tiers = effective_tiers_by_release(org, now)
+        assert tiers == {"atlas-2": org.tier, "atlas-2-mini": org.tier}
+
+
+def test_the_fallback_release_admits_every_tier_at_its_stage(db, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    call_command("seed_demo", "--no-history")
+    mini = Release.objects.get(name="atlas-2-mini")
+    assert (mini.current_stage, mini.state, mini.upstream_model) == (
+        "general",
+        "active",
+        "atlas-2-mini-2026-11",
+    )
+    stage = plan_doc(mini.active_plan).stage(mini.current_stage)
+    assert tuple(stage.tiers) == TIERS
+    answers = {
+        org.slug: explain_access(release=mini, organization_pk=org.pk).now.reason
+        for org in Organization.objects.all()
+    }
+    assert answers == dict.fromkeys(SLUGS, "ok")
 
 
 def test_seed_demo_refuses_a_database_in_use_unless_if_empty(db, capsys, settings, tmp_path):
@@ -131,7 +153,11 @@ def test_seed_demo_refuses_a_database_in_use_unless_if_empty(db, capsys, setting
 def test_demo_url_sets_the_release_upstream(db, settings, tmp_path):
     settings.VAR_DIR = tmp_path
     call_command("seed_demo", "--no-history", "--demo-url", "http://127.0.0.1:18001/v1")
-    assert Release.objects.get().upstream_base_url == "http://127.0.0.1:18001/v1"
+    urls = dict(Release.objects.values_list("name", "upstream_base_url"))
+    assert urls == {
+        "atlas-2": "http://127.0.0.1:18001/v1",
+        "atlas-2-mini": "http://127.0.0.1:18001/v1",
+    }
 
 
 def test_a_week_of_history_lands_in_the_rollups(db, capsys, settings, tmp_path):
@@ -167,12 +193,13 @@ def test_a_week_of_history_lands_in_the_rollups(db, capsys, settings, tmp_path):
     # Past reviews (one a day, then one requested now) and a pause and resume.
     assert Review.objects.count() == 7
     assert Review.objects.filter(created_at__lt=now - timedelta(days=5)).exists()
-    kinds = list(StageTransition.objects.order_by("created_at").values_list("kind", flat=True))
+    transitions = StageTransition.objects.filter(release=release).order_by("created_at")
+    kinds = list(transitions.values_list("kind", flat=True))
     assert kinds == ["create", "pause", "resume"]
     assert release.state == "active"
     # The rates stay under the tripwires, so the demo is not paused by its own history;
     # the release waits for its fourteen days and two approvals.
-    evaluation = evaluate(Release.objects.get())
+    evaluation = evaluate(Release.objects.get(name="atlas-2"))
     assert not any(tripwire.fired for tripwire in evaluation.tripwires)
     failing = {result.name for result in evaluation.criteria if not result.passed}
     assert failing == {"min_days_in_stage", "approvals"}

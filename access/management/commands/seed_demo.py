@@ -1,6 +1,7 @@
 """``manage.py seed_demo``: an empty database filled with the demo world (staff users,
-organizations with their members, verifications and keys, atlas-2 on the example plan,
-and a week of usage history with its reviews and stages).
+organizations with their members, verifications and keys, atlas-2 on the example plan
+beside atlas-2-mini, the fallback its screening routes to, and a week of atlas-2's usage
+history with its reviews and stages).
 
 It lives in ``access``, the app that may import the others (access -> rollout ->
 monitoring, docs/architecture.md), because it creates organizations and keys as much
@@ -33,7 +34,10 @@ from rollout.reviews import create_review
 from rollout.transitions import pause, resume
 
 DEMO_PLAN = settings.BASE_DIR / "docs" / "examples" / "atlas-2.yaml"
-DEMO_URL = "http://127.0.0.1:8001/v1"  # the plan's upstream: the demo model's default port
+# Applied first: atlas-2's screening routes to it.
+FALLBACK_PLAN = settings.BASE_DIR / "docs" / "examples" / "atlas-2-mini.yaml"
+# The plans' upstream, and atlas-2's classifier under it: the demo model's default port.
+DEMO_URL = "http://127.0.0.1:8001/v1"
 # slug, name, tier, evidence, share of the demo traffic
 DEMO_ORGS = [
     ("northwind-research", "Northwind Research", "research_partner", "monitoring_agreement", 30),
@@ -80,7 +84,8 @@ class Command(BaseCommand):
         "tier) with valid verifications, the release atlas-2 on a four-stage plan with a "
         "week of usage history (rolled up, with daily reviews and a past pause), an admin, "
         "two reviewers, a viewer and one org admin per organization, and one key per "
-        "organization. Passwords and keys are printed once. The demo traffic generator's "
+        "organization; atlas-2-mini, open to every tier, is the fallback atlas-2's "
+        "screening routes to. Passwords and keys are printed once. The demo traffic generator's "
         "keys are written to $STAGEGATE_VAR_DIR/demo-traffic-keys.json (mode 0600)."
     )
 
@@ -93,7 +98,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--demo-url",
             default=DEMO_URL,
-            help=f"the demo model server's base URL for atlas-2's upstream (default {DEMO_URL})",
+            help=(
+                "the demo model server's base URL for the releases' upstream and atlas-2's"
+                f" classifier (default {DEMO_URL})"
+            ),
         )
         parser.add_argument(
             "--no-history", action="store_true", help="skip the week of usage history"
@@ -113,8 +121,9 @@ class Command(BaseCommand):
             passwords = self._users()
             orgs, keys, traffic_keys = self._orgs_and_keys()
             passwords += self._org_admins(orgs)
-            plan = DEMO_PLAN.read_text().replace(DEMO_URL, demo_url)
-            result = apply_plan(plan, actor=ACTOR, comment="demo plan")
+            for path in (FALLBACK_PLAN, DEMO_PLAN):
+                plan = path.read_text().replace(DEMO_URL, demo_url.rstrip("/"))
+                result = apply_plan(plan, actor=ACTOR, comment="demo plan")
             release = Release.objects.get(name=result.release_name)
             history = "" if no_history else self._history(release, orgs, now)
         self._write_traffic_keys(traffic_keys)
