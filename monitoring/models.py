@@ -104,7 +104,16 @@ class UsageEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["release", "stage", "created_at"])]
+        indexes = [
+            models.Index(fields=["release", "stage", "created_at"]),
+            # The flag rollup's scan: only events screening flagged are indexed, so the
+            # rollup reads them alone and an unflagged insert costs the index nothing.
+            models.Index(
+                fields=["created_at"],
+                condition=~models.Q(flags=""),
+                name="usage_event_flagged_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.release} {self.reason} {self.status}"
@@ -196,6 +205,66 @@ class UsageRollup(models.Model):
         return (
             f"{self.bucket_start:%Y-%m-%d %H:%M} +{self.bucket_seconds}s {self.release}"
             f" {self.stage} {self.tier} {self.org} {self.reason} {self.key}: {self.requests}"
+        )
+
+
+class UsageFlagRollup(models.Model):
+    """Screening's flags per category: the usage events of one (release, stage, tier,
+    org, reason, key) carrying ``category`` among their ``flags``, counted over one
+    minute or one hour, keyed like ``UsageRollup`` plus the category.
+
+    ``flagged`` counts allowed events (admitted requests flagged, or routed, in that
+    category: the numerator of the category's flag rate, whose denominator is
+    ``UsageRollup.allowed``); ``denied`` counts refused ones (blocked by screening,
+    reason ``content_blocked``, or flagged and then refused for another reason). An
+    event flagged in two categories counts once in each, so the categories of a bucket
+    may add up to more than its ``UsageRollup.flagged``.
+
+    Computed by ``monitoring.rollups`` in the same transaction as ``UsageRollup`` and
+    as a replacement: a bucket's rows are recomputed whole from the truth. Only buckets
+    with a flag have rows.
+    """
+
+    bucket_seconds = models.PositiveIntegerField(choices=UsageRollup.BUCKETS)
+    bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
+    release = models.CharField(max_length=63, blank=True)
+    stage = models.CharField(max_length=40, blank=True)
+    tier = models.CharField(max_length=32, blank=True)
+    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
+    reason = models.CharField(max_length=32, blank=True, help_text="ok if allowed.")
+    key = models.CharField(max_length=24, blank=True, help_text="API key public id.")
+    category = models.CharField(max_length=64, help_text="A screening category.")
+    flagged = models.PositiveBigIntegerField(default=0, help_text="Allowed events.")
+    denied = models.PositiveBigIntegerField(default=0, help_text="Refused events.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=[
+                    "bucket_seconds",
+                    "bucket_start",
+                    "release",
+                    "stage",
+                    "tier",
+                    "org",
+                    "reason",
+                    "key",
+                    "category",
+                ],
+                name="usage_flag_rollup_bucket_key",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["release", "stage", "bucket_seconds", "bucket_start"],
+                name="usage_flag_rollup_review_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.bucket_start:%Y-%m-%d %H:%M} +{self.bucket_seconds}s {self.release}"
+            f" {self.stage} {self.category}: {self.flagged} flagged, {self.denied} denied"
         )
 
 

@@ -21,6 +21,13 @@ already passed it. Such a batch was recorded within seconds of its commit, so ev
 run also recomputes the trailing ``lateness`` window before now, which catches it
 provided the job runs more often than ``lateness``.
 
+Screening's flags per category go to ``UsageFlagRollup`` (the same key plus the
+category) in the same run and transaction. An event's ``flags`` is comma-joined text,
+which SQL cannot split the same way on PostgreSQL and SQLite, so the minute rows are
+counted in SQL per distinct ``flags`` text (events with flags only, read through a
+partial index), split into categories in Python and written whole; hour rows are
+summed from minute rows in SQL, as for usage. Both replace the rows of their range.
+
 Reads: ``stage_totals`` (a review's period: hour rows for the whole hours, minute
 rows at both edges) and ``window_totals`` (a tripwire's last minutes). Both count
 events in whole minutes: bounds are rounded down to the minute, and both sum over
@@ -30,6 +37,7 @@ reasons and keys (as every reader must: a bucket has one row per reason and key)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,7 +59,7 @@ from django.db.models import (
 from django.db.models.functions import TruncHour, TruncMinute
 from django.utils import timezone
 
-from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+from monitoring.models import RollupCursor, UsageEvent, UsageFlagRollup, UsageRollup
 from monitoring.records import REASONS, TIERS
 
 MINUTE = timedelta(minutes=1)
@@ -76,6 +84,9 @@ COUNTERS = (
     "completion_tokens",
 )
 _COUNTERS = (*COUNTERS, "latency_ms_sum")
+_FLAG_GROUP = (*_GROUP, "category")
+_FLAG_COUNTERS = ("flagged", "denied")
+_CATEGORY_LENGTH = UsageFlagRollup._meta.get_field("category").max_length
 
 
 @dataclass(frozen=True)
@@ -83,11 +94,16 @@ class Totals:
     """Usage of one release and stage over [since, until), in whole minutes.
 
     ``errors`` and ``flagged`` count allowed requests only (a denied request reached no
-    model); ``denied`` counts every request not allowed. ``orgs_by_tier`` maps each
-    tier to the organizations with at least one allowed request in the period (blank
-    org ids left out). ``rolled_up_to`` is the rollups' freshness when the totals were
-    read (None for raw totals, or before any rollup); it is not part of the value, so
-    totals from rollups and from raw events compare equal when they count the same.
+    model); ``flagged`` counts those flagged by anything (screening or the upstream's
+    content filter). ``flagged_by_category`` maps each screening category to the allowed
+    requests flagged (or routed) in it, ``denied_by_category`` to the refused requests
+    carrying it (blocked); categories with no such request are absent, and a request
+    flagged in two categories counts in both. ``denied`` counts every request not
+    allowed. ``orgs_by_tier`` maps each tier to the organizations with at least one
+    allowed request in the period (blank org ids left out). ``rolled_up_to`` is the
+    rollups' freshness when the totals were read (None for raw totals, or before any
+    rollup); it is not part of the value, so totals from rollups and from raw events
+    compare equal when they count the same.
     """
 
     since: datetime
@@ -101,6 +117,8 @@ class Totals:
     completion_tokens: int = 0
     orgs_by_tier: dict[str, frozenset[str]] = field(default_factory=dict)
     rolled_up_to: datetime | None = field(default=None, compare=False)
+    flagged_by_category: dict[str, int] = field(default_factory=dict)
+    denied_by_category: dict[str, int] = field(default_factory=dict)
 
     @property
     def distinct_orgs(self) -> int:
@@ -175,22 +193,29 @@ def _event_group_columns() -> dict[str, Any]:
     return {f"k_{name}": _EVENT_WORDS.get(name, F(name)) for name in _GROUP}
 
 
-def _upsert(buckets: QuerySet, bucket_seconds: int) -> int:
+def _upsert(
+    buckets: QuerySet,
+    bucket_seconds: int,
+    *,
+    model: type[UsageRollup | UsageFlagRollup] = UsageRollup,
+    group: tuple[str, ...] = _GROUP,
+    counters: tuple[str, ...] = _COUNTERS,
+) -> int:
     """Write the rows of ``buckets`` (columns k_bucket, k_<group>, n_<counter>) as
-    ``bucket_seconds`` rollup rows, replacing the counters of rows that exist.
+    ``bucket_seconds`` rows of ``model``, replacing the counters of rows that exist.
     Returns the number of rows written."""
     select, params = buckets.query.sql_with_params()
     quote = connection.ops.quote_name
-    key = ["bucket_seconds", "bucket_start", *_GROUP]
-    outer = [str(int(bucket_seconds)), "s.k_bucket", *(f"s.k_{name}" for name in _GROUP)]
-    outer += [f"s.n_{name}" for name in _COUNTERS]
-    updates = ", ".join(f"{quote(name)} = EXCLUDED.{quote(name)}" for name in _COUNTERS)
+    key = ["bucket_seconds", "bucket_start", *group]
+    outer = [str(int(bucket_seconds)), "s.k_bucket", *(f"s.k_{name}" for name in group)]
+    outer += [f"s.n_{name}" for name in counters]
+    updates = ", ".join(f"{quote(name)} = EXCLUDED.{quote(name)}" for name in counters)
     # Columns are taken from the subquery by alias, so the order in which the ORM
     # emits them does not matter. "WHERE 1 = 1": SQLite cannot otherwise tell the
     # upsert's ON CONFLICT from a join's ON after INSERT ... SELECT.
     sql = (
-        f"INSERT INTO {quote(UsageRollup._meta.db_table)}"  # noqa: S608 (names are ours)
-        f" ({', '.join(quote(name) for name in (*key, *_COUNTERS))})"
+        f"INSERT INTO {quote(model._meta.db_table)}"  # noqa: S608 (names are ours)
+        f" ({', '.join(quote(name) for name in (*key, *counters))})"
         f" SELECT {', '.join(outer)} FROM ({select}) s WHERE 1 = 1"
         f" ON CONFLICT ({', '.join(quote(name) for name in key)}) DO UPDATE SET {updates}"
     )
@@ -260,7 +285,87 @@ def rollup_window(start: datetime, end: datetime) -> int:
             k_bucket=TruncHour("bucket_start", tzinfo=UTC), **_group_columns()
         ).annotate(**_rollup_sums())
         written += _upsert(hour_buckets, UsageRollup.HOUR)
+        written += _rollup_flags(events, first_minute, end_minute, first_hour, end_hour)
     return written
+
+
+def categories(flags: str) -> list[str]:
+    """The categories of an event's ``flags`` text (sorted, unique, each cut to the
+    rollup's column: the text comes from the proxy and must never stop a rollup)."""
+    return sorted({name.strip()[:_CATEGORY_LENGTH] for name in flags.split(",")} - {""})
+
+
+def _flag_counts(events: QuerySet, **columns: Any) -> dict[tuple, list[int]]:
+    """Flagged and denied counts of ``events`` per (``columns``..., category), each
+    column a k_<name> expression: counted in SQL per distinct ``flags`` text, split
+    into categories here."""
+    allowed = Q(decision="allow")
+    rows = (
+        events.exclude(flags="")
+        .values(**columns, k_flags=F("flags"))
+        .annotate(n_flagged=Count("id", filter=allowed), n_denied=Count("id", filter=~allowed))
+    )
+    counts: dict[tuple, list[int]] = {}
+    for row in rows:
+        group = tuple(row[name] for name in columns)
+        for category in categories(row["k_flags"]):
+            sums = counts.setdefault((*group, category), [0, 0])
+            sums[0] += row["n_flagged"]
+            sums[1] += row["n_denied"]
+    return counts
+
+
+def _rollup_flags(
+    events: QuerySet,
+    first_minute: datetime,
+    end_minute: datetime,
+    first_hour: datetime,
+    end_hour: datetime,
+) -> int:
+    """Replace the flag rows of the minutes [first_minute, end_minute) with the counts
+    of ``events`` (the events of those minutes), then the hour rows of [first_hour,
+    end_hour) with the sums of their minute rows. Returns the rows written."""
+    UsageFlagRollup.objects.filter(
+        bucket_seconds=UsageRollup.MINUTE,
+        bucket_start__gte=first_minute,
+        bucket_start__lt=end_minute,
+    ).delete()
+    minute_rows = [
+        UsageFlagRollup(
+            bucket_seconds=UsageRollup.MINUTE,
+            **dict(zip(("bucket_start", *_FLAG_GROUP), key, strict=True)),
+            flagged=flagged,
+            denied=denied,
+        )
+        for key, (flagged, denied) in _flag_counts(
+            events, k_bucket=TruncMinute("created_at", tzinfo=UTC), **_event_group_columns()
+        ).items()
+    ]
+    UsageFlagRollup.objects.bulk_create(minute_rows, batch_size=500)
+    UsageFlagRollup.objects.filter(
+        bucket_seconds=UsageRollup.HOUR, bucket_start__gte=first_hour, bucket_start__lt=end_hour
+    ).delete()
+    hour_buckets = (
+        UsageFlagRollup.objects.filter(
+            bucket_seconds=UsageRollup.MINUTE,
+            bucket_start__gte=first_hour,
+            bucket_start__lt=end_hour,
+        )
+        .order_by()
+        .values(
+            k_bucket=TruncHour("bucket_start", tzinfo=UTC),
+            **{f"k_{name}": F(name) for name in _FLAG_GROUP},
+        )
+        .annotate(**_rollup_sums(_FLAG_COUNTERS))
+    )
+    hours = _upsert(
+        hour_buckets,
+        UsageRollup.HOUR,
+        model=UsageFlagRollup,
+        group=_FLAG_GROUP,
+        counters=_FLAG_COUNTERS,
+    )
+    return len(minute_rows) + hours
 
 
 def _chunks(
@@ -368,8 +473,22 @@ def rolled_up_to() -> datetime | None:
 # --- Reading totals ----------------------------------------------------------------------
 
 
-def _totals(rows: QuerySet, since: datetime, until: datetime, fresh: datetime | None) -> Totals:
-    """Fold rows grouped by (k_tier, k_org) with n_<counter> sums into a ``Totals``."""
+def _totals(
+    rows: QuerySet,
+    since: datetime,
+    until: datetime,
+    fresh: datetime | None,
+    flags: Iterable[tuple[str, int, int]] = (),
+) -> Totals:
+    """Fold rows grouped by (k_tier, k_org) with n_<counter> sums, and ``flags``
+    (category, flagged, denied), into a ``Totals``."""
+    flagged: dict[str, int] = {}
+    denied: dict[str, int] = {}
+    for category, n_flagged, n_denied in flags:
+        if n_flagged:
+            flagged[category] = flagged.get(category, 0) + int(n_flagged)
+        if n_denied:
+            denied[category] = denied.get(category, 0) + int(n_denied)
     sums = dict.fromkeys(COUNTERS, 0)
     orgs: dict[str, set[str]] = {}
     for row in rows:
@@ -383,6 +502,8 @@ def _totals(rows: QuerySet, since: datetime, until: datetime, fresh: datetime | 
         **sums,
         orgs_by_tier={tier: frozenset(names) for tier, names in sorted(orgs.items())},
         rolled_up_to=fresh,
+        flagged_by_category=dict(sorted(flagged.items())),
+        denied_by_category=dict(sorted(denied.items())),
     )
 
 
@@ -393,7 +514,13 @@ def _rollup_totals(release: str, stage: str, where: Q, since: datetime, until: d
         .values(k_tier=F("tier"), k_org=F("org"))
         .annotate(**_rollup_sums(COUNTERS))
     )
-    return _totals(rows, since, until, rolled_up_to())
+    flags = (
+        UsageFlagRollup.objects.filter(where, release=release, stage=stage)
+        .order_by()
+        .values_list("category")
+        .annotate(n_flagged=Sum("flagged"), n_denied=Sum("denied"))
+    )
+    return _totals(rows, since, until, rolled_up_to(), flags)
 
 
 def _minutes(since: datetime, until: datetime) -> Q:
@@ -422,8 +549,9 @@ def covering(since: datetime, until: datetime) -> Q:
 
 def stage_totals(*, release: str, stage: str, since: datetime, until: datetime) -> Totals:
     """Usage of ``release`` in ``stage`` over [since, until), both rounded down to the
-    minute, from the rollups (``covering``), summed in the database by (tier, org).
-    Two queries; the cost grows with the span and the number of orgs, not the traffic.
+    minute, from the rollups (``covering``), summed in the database by (tier, org) and
+    by flag category. Three queries; the cost grows with the span and the number of
+    orgs and categories, not the traffic.
     Events after ``Totals.rolled_up_to`` may not be counted yet."""
     since, until = _bounds(since, until)
     return _rollup_totals(release, stage, covering(since, until), since, until)
@@ -448,12 +576,12 @@ def raw_totals(*, release: str, stage: str, since: datetime, until: datetime) ->
     """What ``stage_totals`` returns, computed from the raw events (a scan of the
     period's events: for tests and benchmarks, not for reviews)."""
     since, until = _bounds(since, until)
-    rows = (
-        UsageEvent.objects.filter(
-            release=release, stage=stage, created_at__gte=since, created_at__lt=until
-        )
-        .order_by()
-        .values(k_tier=_EVENT_WORDS["tier"], k_org=F("org"))
-        .annotate(**_event_counts())
-    )
-    return _totals(rows, since, until, None)
+    events = UsageEvent.objects.filter(
+        release=release, stage=stage, created_at__gte=since, created_at__lt=until
+    ).order_by()
+    rows = events.values(k_tier=_EVENT_WORDS["tier"], k_org=F("org")).annotate(**_event_counts())
+    flags = [
+        (category, flagged, denied)
+        for (category,), (flagged, denied) in _flag_counts(events).items()
+    ]
+    return _totals(rows, since, until, None, flags)

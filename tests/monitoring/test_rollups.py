@@ -3,7 +3,8 @@ partial hours, minute edges, tripwire windows), rollups replace rather than add 
 chunked, after an interrupted run, after events are gone, over rows written before
 they were keyed by reason or by key), each bucket keeps its refusals per reason and its
 requests per API key, the cursor picks up late events, and the counting rules for
-denied, errored and flagged requests."""
+denied, errored and flagged requests; screening's flags per category are rolled up in
+the same runs and read back equal to the raw events' too."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from django.db import connection, connections
 from django.db.models import Sum
 
-from monitoring.models import RollupCursor, UsageEvent, UsageRollup
+from monitoring.models import RollupCursor, UsageEvent, UsageFlagRollup, UsageRollup
 from monitoring.records import UsageRecord
 from monitoring.rollups import (
     ADVISORY_LOCK_KEY,
@@ -82,6 +83,7 @@ def _event(
     key: str | None = "key_0123456789abcdef",
     error: str = "",
     flagged: bool = False,
+    flags: str = "",
     prompt_tokens: int = 10,
     completion_tokens: int = 20,
     latency_ms: float = 12.5,
@@ -112,8 +114,14 @@ def _event(
             "max_tokens": None,
             "claimed_tier": tier,
             "verifications": (),
+            "flags": flags,
         }
     )
+
+
+# Screening flags of the random events, taken in turn like the refusals: most events
+# have none; some one category, some two (counted in each), on allowed and denied ones.
+FLAG_SETS = ("", "", "cyber", "", "", "", "cyber,weapons", "", "violence/graphic", "", "", "")
 
 
 def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[UsageRecord]:
@@ -145,6 +153,7 @@ def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[UsageRe
                 key=f"key{org[3:]}{suffix}" if suffix else None,
                 error="upstream_error" if rng.random() < 0.1 else "",
                 flagged=rng.random() < 0.1,
+                flags=FLAG_SETS[len(events) % len(FLAG_SETS)],
                 prompt_tokens=rng.randint(0, 500) if allowed else 0,
                 completion_tokens=rng.randint(0, 900) if allowed else 0,
                 latency_ms=rng.randint(1, 4000) / 4,
@@ -153,8 +162,15 @@ def _random_events(count: int, *, seed: int = 7, hours: int = 4) -> list[UsageRe
     return events
 
 
+FLAG_KEY_COLUMNS = (*KEY_COLUMNS, "category")
+FLAG_ROW_COLUMNS = (*FLAG_KEY_COLUMNS, "flagged", "denied")
+
+
 def _rows() -> list[tuple]:
-    return list(UsageRollup.objects.order_by(*KEY_COLUMNS).values_list(*ROW_COLUMNS))
+    """Every rollup row: usage, then flags per category."""
+    usage = UsageRollup.objects.order_by(*KEY_COLUMNS).values_list(*ROW_COLUMNS)
+    flags = UsageFlagRollup.objects.order_by(*FLAG_KEY_COLUMNS).values_list(*FLAG_ROW_COLUMNS)
+    return [*usage, *flags]
 
 
 def _periods() -> list[tuple[datetime, datetime]]:
@@ -339,6 +355,58 @@ def test_totals_counting_rules_denied_errors_flagged(db):
     assert (row.requests, row.errors, row.flagged, row.latency_ms_sum) == (2, 1, 1, 25.0)
 
 
+def test_flags_per_category_counting_rules(db):
+    at = BASE + timedelta(minutes=3)
+    later = BASE + timedelta(hours=1, minutes=30)
+    write_events(
+        [
+            _event(at, flags="cyber"),  # flagged by screening: flagged too
+            _event(at, flags="cyber,weapons"),  # two categories: counted in each
+            _event(later, flags="cyber", org="org_acme", tier="verified_commercial"),
+            _event(at, flagged=True),  # the upstream's content filter: no category
+            # blocked: denied in its category, never flagged
+            _event(at, decision="deny", reason="content_blocked", flags="weapons"),
+            _event(at, stage="commercial", flags="cyber"),  # another stage
+        ]
+    )
+    rollup_pending(now=END)
+    period = {"release": "atlas-2", "stage": "research_preview", "since": BASE, "until": END}
+
+    totals = stage_totals(**period)
+
+    assert (totals.allowed, totals.flagged, totals.denied) == (4, 4, 1)
+    assert (totals.flagged_by_category, totals.denied_by_category) == (
+        {"cyber": 3, "weapons": 1},
+        {"weapons": 1},
+    )
+    assert totals == raw_totals(**period)
+    half = stage_totals(**{**period, "until": BASE + timedelta(minutes=30)})
+    assert half.flagged_by_category == {"cyber": 2, "weapons": 1}
+    rows = UsageFlagRollup.objects.filter(bucket_seconds=3600, stage="research_preview")
+    assert sorted(
+        rows.values_list("bucket_start", "org", "reason", "category", "flagged", "denied")
+    ) == [
+        (BASE, "org_northwind", "content_blocked", "weapons", 0, 1),
+        (BASE, "org_northwind", "ok", "cyber", 2, 0),
+        (BASE, "org_northwind", "ok", "weapons", 1, 0),
+        (BASE + timedelta(hours=1), "org_acme", "ok", "cyber", 1, 0),
+    ]
+
+
+def test_flag_rows_are_replaced_when_their_events_are_gone(db):
+    write_events([_event(BASE + timedelta(minutes=m), flags="cyber") for m in (1, 2, 70)])
+    rollup_pending(now=END)
+    UsageEvent.objects.filter(created_at__lt=BASE + timedelta(hours=1)).delete()
+
+    rollup_window(BASE, END)
+
+    rows = UsageFlagRollup.objects.order_by("bucket_seconds", "bucket_start")
+    assert list(rows.values_list("bucket_seconds", "bucket_start", "flagged")) == [
+        (60, BASE + timedelta(minutes=70), 1),
+        (3600, BASE + timedelta(hours=1), 1),
+    ]
+
+
 def test_window_totals_last_minutes_from_minute_rows(db):
     now = BASE + timedelta(hours=1, minutes=2, seconds=30)
     minutes_ago = [0, 1, 9, 10, 11, 65]  # before the minute of now
@@ -449,6 +517,26 @@ def test_hour_rows_equal_the_sum_of_their_minutes(db):
     }
 
     assert hours == minutes
+
+
+def test_flag_hour_rows_equal_the_sum_of_their_minutes(db):
+    write_events(_random_events(1000))
+    rollup_pending(now=END)
+    minutes: dict[tuple, list[int]] = {}
+    for row in UsageFlagRollup.objects.filter(bucket_seconds=60).values_list(*FLAG_ROW_COLUMNS):
+        sums = minutes.setdefault((row[1].replace(minute=0), *row[2:-2]), [0, 0])
+        sums[0] += row[-2]
+        sums[1] += row[-1]
+
+    hours = {
+        row[1:-2]: list(row[-2:])
+        for row in UsageFlagRollup.objects.filter(bucket_seconds=3600).values_list(
+            *FLAG_ROW_COLUMNS
+        )
+    }
+
+    assert hours == minutes
+    assert len(hours) > 50
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite serialises its writers")
