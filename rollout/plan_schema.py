@@ -13,6 +13,8 @@ console and the tests share one definition. Its entry points:
 - ``canonical_dict`` / ``canonical_yaml`` / ``plan_digest`` give the normalised form that
   is stored, shown and approved: two documents that mean the same thing have the same
   digest.
+- ``compile_pattern`` compiles a screening pattern as the proxy runs it (RE2); the
+  screening engine (``access.screening``) builds on it.
 
 The policy reference in ``docs/policies.md`` explains every field and rule.
 """
@@ -22,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
+import re2
 import yaml
 from pydantic import (
     AfterValidator,
@@ -38,6 +42,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -46,18 +51,24 @@ VerificationKind = Literal["business_kyc", "academic_credential", "monitoring_ag
 Severity = Literal["low", "medium", "high", "critical"]
 Metric = Literal["flag_rate", "error_rate", "incident"]
 Action = Literal["pause", "rollback"]
+ScreeningAction = Literal["block", "flag", "route"]
+ResponseScreening = Literal["off", "buffer", "audit"]
+ClassifierFailure = Literal["refuse", "admit_and_flag"]
 
 TIERS: tuple[Tier, ...] = get_args(Tier)
 VERIFICATION_KINDS: tuple[VerificationKind, ...] = get_args(VerificationKind)
 SEVERITIES: tuple[Severity, ...] = get_args(Severity)  # ordered low -> critical
 METRICS: tuple[Metric, ...] = get_args(Metric)
 ACTIONS: tuple[Action, ...] = get_args(Action)
+SCREENING_ACTIONS: tuple[ScreeningAction, ...] = get_args(ScreeningAction)
 
 MAX_STAGES = 20
 MAX_COUNT = 10**12  # keeps every count inside int64 (PostgreSQL bigint, Redis integers)
 MAX_DAYS_IN_STAGE = 3650
 MAX_PLAN_BYTES = 1_000_000  # a real plan is a few kilobytes
 ROOT = "(root)"  # the path of problems with the document as a whole
+MAX_KEYWORD_CHARS = 200
+MAX_PATTERN_CHARS = 1000
 
 # Counts are strict: YAML `true` is a bool, never the number 1. Numbers that may be
 # fractional are floats that also take ints, and never NaN or infinity.
@@ -84,7 +95,27 @@ def _no_control_characters(value: str) -> str:
 
 
 Text = Annotated[str, Field(strict=True), AfterValidator(_no_control_characters)]
+
+
+def _something_visible(value: str) -> str:
+    # Screening removes format characters and collapses whitespace before matching; a
+    # keyword with nothing else would match everywhere.
+    if all(char.isspace() or unicodedata.category(char) == "Cf" for char in value):
+        raise PydanticCustomError(
+            "empty_keyword", "must contain something besides whitespace and invisible characters"
+        )
+    return value
+
+
+Keyword = Annotated[Text, Field(max_length=MAX_KEYWORD_CHARS), AfterValidator(_something_visible)]
+Pattern = Annotated[Text, Field(max_length=MAX_PATTERN_CHARS)]
 TripwireName = Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
+# Screening categories: OpenAI's moderation names ("violence/graphic") fit.
+CATEGORY_PATTERN = r"^[a-z][a-z0-9_/-]{0,63}$"
+Category = Annotated[str, Field(strict=True, pattern=CATEGORY_PATTERN)]
+# RE2's memory budget for one compiled pattern or set of patterns (its default is 8 MiB;
+# a stage's rules compiled together need more). A budget, not an allocation.
+RE2_MAX_MEM = 64 << 20
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -159,6 +190,33 @@ class _Document(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _http_url(value: str, example: str) -> str:
+    """``value`` when it is an http(s) URL with a host and no credentials, query or
+    fragment; otherwise a custom error whose message shows ``example``."""
+    invalid = PydanticCustomError(
+        "invalid_url",
+        "must be an http:// or https:// URL with a host, e.g. {example}",
+        {"example": example},
+    )
+    if not value or any(char.isspace() for char in value):
+        raise invalid
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise invalid from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid
+    if "@" in parts.netloc:
+        # Never keep a secret in a plan: plans are shown, diffed and audited.
+        raise PydanticCustomError(
+            "url_credentials", "must not contain credentials; configure them outside the plan"
+        )
+    if parts.query or parts.fragment:
+        raise PydanticCustomError("invalid_url", "must not have a query string or fragment")
+    return value
+
+
 class Upstream(_Document):
     """Where admitted requests go: an OpenAI-compatible base URL and the model id there."""
 
@@ -169,27 +227,7 @@ class Upstream(_Document):
     @classmethod
     def _http_url(cls, value: str) -> str:
         """An http(s) URL with a host and no credentials, query or fragment; no trailing /."""
-        invalid = PydanticCustomError(
-            "invalid_url",
-            "must be an http:// or https:// URL with a host, e.g. http://host:8001/v1",
-        )
-        if not value or any(char.isspace() for char in value):
-            raise invalid
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a malformed port
-        except ValueError:
-            raise invalid from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise invalid
-        if "@" in parts.netloc:
-            # Never keep a secret in a plan: plans are shown, diffed and audited.
-            raise PydanticCustomError(
-                "url_credentials", "must not contain credentials; configure them outside the plan"
-            )
-        if parts.query or parts.fragment:
-            raise PydanticCustomError("invalid_url", "must not have a query string or fragment")
-        return value.rstrip("/")
+        return _http_url(value, "http://host:8001/v1").rstrip("/")
 
 
 class TierLimits(_Document):
@@ -255,11 +293,18 @@ class ExitCriteria(_Document):
     max_error_rate: Rate
     block_on_incident_severity: Severity = "high"
     approvals_needed: Annotated[int, Field(strict=True, ge=0, le=10)] = 2
+    max_flag_rate_by_category: dict[Category, Rate] = Field(default_factory=dict)
+    max_confirmed_flag_rate: Rate | None = None
 
     @field_validator("min_distinct_orgs_per_tier")
     @classmethod
     def _in_tier_order(cls, value: dict[Tier, int]) -> dict[Tier, int]:
         return {tier: value[tier] for tier in TIERS if tier in value}
+
+    @field_validator("max_flag_rate_by_category")
+    @classmethod
+    def _categories_sorted(cls, value: dict[str, float]) -> dict[str, float]:
+        return dict(sorted(value.items()))
 
     def blocks_exit(self, incident_severity: Severity) -> bool:
         """True when an open incident of this severity blocks leaving the stage."""
@@ -270,17 +315,31 @@ class Tripwire(_Document):
     """A condition that pauses the release or rolls it back one stage, without a human.
 
     ``flag_rate`` and ``error_rate`` fire when the rate over the last ``window_minutes``
-    reaches ``threshold`` and the window holds at least ``min_requests`` requests;
+    reaches ``threshold`` and the window holds at least ``min_requests`` requests (a
+    ``flag_rate`` tripwire with a ``category`` counts only that category's flags);
     ``incident`` fires when an incident of at least ``severity`` is opened.
     """
 
     name: TripwireName
     metric: Metric
+    category: Category | None = None
     threshold: PositiveRate | None = Field(default=None, validate_default=True)
     window_minutes: Annotated[int, Field(strict=True, ge=1, le=10080)] = 60
     min_requests: Count = 100
     severity: Severity | None = Field(default=None, validate_default=True)
     action: Action
+
+    @field_validator("category")
+    @classmethod
+    def _category_for_flags(cls, value: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        if value is not None and metric is not None and metric != "flag_rate":
+            raise PydanticCustomError(
+                "category_forbidden",
+                "only flag_rate tripwires have a category (this one's metric is {metric})",
+                {"metric": metric},
+            )
+        return value
 
     @field_validator("threshold")
     @classmethod
@@ -311,6 +370,177 @@ class Tripwire(_Document):
         return value
 
 
+def re2_options(*, case_sensitive: bool = True) -> re2.Options:
+    """RE2's options for screening: UTF-8, quiet (RE2 would log every parse error to
+    stderr through absl), and the budget of ``RE2_MAX_MEM``."""
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = RE2_MAX_MEM
+    options.case_sensitive = case_sensitive
+    return options
+
+
+def compile_pattern(pattern: str, *, case_sensitive: bool = True) -> Any:
+    """``pattern`` compiled by RE2 as screening runs it; ``ValueError`` naming RE2's reason
+    when it cannot be (lookaround, backreferences, a repetition too large...)."""
+    try:
+        return re2.compile(pattern, re2_options(case_sensitive=case_sensitive))
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else "unknown error"
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", errors="replace")
+        raise ValueError(str(reason)) from None
+
+
+class ScreeningRule(_Document):
+    """Text that makes the proxy block, flag or route a request (or an answer).
+
+    Keywords match whole words of the normalized text; patterns are RE2 expressions
+    searched in it. Without ``case_sensitive`` the text and the rule are case-folded.
+    """
+
+    category: Category
+    action: ScreeningAction
+    keywords: tuple[Keyword, ...] = ()
+    patterns: tuple[Pattern, ...] = ()
+    route_to: Slug | None = Field(default=None, validate_default=True)
+    case_sensitive: StrictBool = False
+
+    @field_validator("keywords")
+    @classmethod
+    def _unique_keywords(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _raise_if_any(cls.__name__, _duplicates(value, "duplicate_keyword", "keyword"))
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _re2_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems: list[InitErrorDetails] = []
+        seen: set[str] = set()
+        for index, pattern in enumerate(value):
+            if pattern in seen:
+                message = "duplicate pattern '{value}'; each may appear only once"
+                problems.append(
+                    _problem((index,), "duplicate_pattern", message, pattern, {"value": pattern})
+                )
+                continue
+            seen.add(pattern)
+            try:
+                compiled = compile_pattern(pattern)
+            except ValueError as exc:
+                message = "RE2 cannot compile this pattern: {reason}"
+                problems.append(
+                    _problem((index,), "invalid_pattern", message, pattern, {"reason": str(exc)})
+                )
+                continue
+            if compiled.search("") is not None:
+                # It would match every text, so every request would be screened by it.
+                message = "the pattern matches empty text, so it would match every request"
+                problems.append(_problem((index,), "pattern_matches_empty", message, pattern))
+        _raise_if_any(cls.__name__, problems)
+        return value
+
+    @field_validator("route_to")
+    @classmethod
+    def _route_to_iff_route(cls, value: str | None, info: ValidationInfo) -> str | None:
+        action = info.data.get("action")
+        if action == "route" and value is None:
+            raise PydanticCustomError(
+                "route_to_required", "a route rule needs route_to: the release to send it to"
+            )
+        if action in ("block", "flag") and value is not None:
+            raise PydanticCustomError(
+                "route_to_forbidden",
+                "only route rules have route_to; a {action} rule sends nothing elsewhere",
+                {"action": action},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> ScreeningRule:
+        if not self.keywords and not self.patterns:
+            raise PydanticCustomError("empty_rule", "a rule needs at least one keyword or pattern")
+        return self
+
+
+class Classifier(_Document):
+    """A moderation service speaking OpenAI's ``POST /v1/moderations``: the categories it
+    reports that are listed in ``block`` block the request, those in ``flag`` flag it."""
+
+    url: StrictStr
+    model: Annotated[Text, Field(pattern=r"^\S{0,200}$")] = ""
+    timeout_ms: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 300
+    on_failure: ClassifierFailure = "refuse"
+    block: tuple[Category, ...] = ()
+    flag: tuple[Category, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _http_url(value, "http://host:8001/v1/moderations")
+
+    @field_validator("block")
+    @classmethod
+    def _unique_blocked(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _raise_if_any(cls.__name__, _duplicates(value, "duplicate_category", "category"))
+        return tuple(sorted(value))
+
+    @field_validator("flag")
+    @classmethod
+    def _flagged_not_blocked(cls, value: tuple[str, ...], info: ValidationInfo) -> Any:
+        problems = _duplicates(value, "duplicate_category", "category")
+        blocked = info.data.get("block") or ()
+        for index, category in enumerate(value):
+            if category in blocked:
+                message = "category '{category}' is in both block and flag; block wins, so drop it"
+                problems.append(
+                    _problem(
+                        (index,),
+                        "category_blocked_and_flagged",
+                        message,
+                        category,
+                        {"category": category},
+                    )
+                )
+        _raise_if_any(cls.__name__, problems)
+        return tuple(sorted(value))
+
+
+class RetainFlagged(_Document):
+    """Keep a redacted excerpt of flagged and blocked requests for human review."""
+
+    days: Annotated[int, Field(strict=True, ge=1, le=365)]
+
+
+class Screening(_Document):
+    """What the proxy screens in a stage: prompts always (when there are rules or a
+    classifier), answers as ``responses`` says; flagged samples kept as
+    ``retain_flagged`` says."""
+
+    rules: tuple[ScreeningRule, ...] = ()
+    classifier: Classifier | None = None
+    responses: ResponseScreening = "off"
+    retain_flagged: RetainFlagged | None = None
+
+    @model_validator(mode="after")
+    def _responses_need_means(self) -> Screening:
+        if self.responses != "off" and not self.rules and self.classifier is None:
+            raise PydanticCustomError(
+                "nothing_to_screen",
+                "responses: {responses} needs rules or a classifier to screen answers with",
+                {"responses": self.responses},
+            )
+        return self
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Every category this screening can report, sorted."""
+        found = {rule.category for rule in self.rules}
+        if self.classifier is not None:
+            found |= {*self.classifier.block, *self.classifier.flag}
+        return tuple(sorted(found))
+
+
 class StagePolicy(_Document):
     """One step of the ladder: who is admitted, with which limits, and how to leave it.
 
@@ -327,6 +557,7 @@ class StagePolicy(_Document):
     cohort_percent: Annotated[float, Field(strict=True, gt=0, le=100)] = 100
     exit_criteria: ExitCriteria | None = None
     tripwires: tuple[Tripwire, ...] = ()
+    screening: Screening | None = None
 
     @field_validator("tiers")
     @classmethod
@@ -428,11 +659,28 @@ class RolloutPlanDoc(_Document):
 
     @field_validator("stages")
     @classmethod
-    def _ladder_rules(cls, value: tuple[StagePolicy, ...]) -> tuple[StagePolicy, ...]:
-        # These rules compare stages with each other, so they run once every stage is
-        # valid on its own.
+    def _ladder_rules(
+        cls, value: tuple[StagePolicy, ...], info: ValidationInfo
+    ) -> tuple[StagePolicy, ...]:
+        # These rules compare stages with each other (and with the release), so they run
+        # once every stage is valid on its own.
         names = [stage.name for stage in value]
         problems = _duplicates(names, "duplicate_stage", "stage name", under=("name",))
+        release = info.data.get("release")
+        for index, stage in enumerate(value):
+            rules = stage.screening.rules if stage.screening is not None else ()
+            for position, rule in enumerate(rules):
+                if rule.route_to is not None and rule.route_to == release:
+                    problems.append(
+                        _problem(
+                            (index, "screening", "rules", position, "route_to"),
+                            "route_to_self",
+                            "a route rule must send requests to another release, not to"
+                            " '{release}' itself",
+                            rule.route_to,
+                            {"release": release},
+                        )
+                    )
         last = len(value) - 1
         for index, stage in enumerate(value):
             if index < last and stage.exit_criteria is None:
@@ -512,13 +760,35 @@ def cohort_bucket(release: str, org_slug: str) -> int:
     return int.from_bytes(digest[:8], "big") % 10_000
 
 
+# Fields added after plans were first stored, left out of the canonical form while they
+# hold their default, so a plan that does not use them keeps its canonical text and
+# digest (and the approvals naming it). By object: field -> its default.
+_LATER_STAGE_FIELDS = {"screening": None}
+_LATER_EXIT_FIELDS = {"max_flag_rate_by_category": {}, "max_confirmed_flag_rate": None}
+_LATER_TRIPWIRE_FIELDS = {"category": None}
+
+
+def _drop_defaults(data: dict[str, Any] | None, later: dict[str, Any]) -> None:
+    for name, default in later.items():
+        if data is not None and name in data and data[name] == default:
+            del data[name]
+
+
 def canonical_dict(doc: RolloutPlanDoc) -> dict[str, Any]:
     """The plan as JSON-ready data with every default filled in, keys in schema order.
 
     Tiers and verifications appear in ``TIERS`` / ``VERIFICATION_KINDS`` order and org
-    lists sorted, so documents that differ only in the order of sets compare equal.
+    lists sorted, so documents that differ only in the order of sets compare equal. The
+    fields added for screening (a stage's ``screening``, the category criteria, a
+    tripwire's ``category``) are left out while they hold their default.
     """
-    return doc.model_dump(mode="json")
+    data = doc.model_dump(mode="json")
+    for stage in data["stages"]:
+        _drop_defaults(stage, _LATER_STAGE_FIELDS)
+        _drop_defaults(stage["exit_criteria"], _LATER_EXIT_FIELDS)
+        for tripwire in stage["tripwires"]:
+            _drop_defaults(tripwire, _LATER_TRIPWIRE_FIELDS)
+    return data
 
 
 def canonical_yaml(doc: RolloutPlanDoc) -> str:

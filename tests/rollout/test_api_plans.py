@@ -231,6 +231,28 @@ def test_invalid_apply_stores_nothing(login_as, ada, release, broken):
     assert _counts() == before
 
 
+def test_apply_refuses_a_pattern_re2_cannot_run(login_as, ada, release, example):
+    # RE2 runs in linear time because it has no lookaround: a plan that needs one is
+    # refused at the pattern's own path, and nothing is stored.
+    doc = copy.deepcopy(example)
+    doc["stages"][0]["screening"] = {
+        "rules": [{"category": "weapons", "action": "block", "patterns": [r"sarin(?=\s)"]}]
+    }
+    before = _counts()
+
+    response = login_as(ada).post("/api/plans/apply/", {"document": doc}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == [
+        {
+            "path": "stages[0].screening.rules[0].patterns[0]",
+            "message": "RE2 cannot compile this pattern: invalid perl operator: (?=",
+            "code": "invalid_pattern",
+        }
+    ]
+    assert _counts() == before
+
+
 # --- releases and plan history -----------------------------------------------------------------
 
 

@@ -78,6 +78,19 @@ CUSTOM_CODES = {
     "not_a_mapping",
     "too_large",
     "too_deep",
+    "empty_keyword",
+    "duplicate_keyword",
+    "duplicate_pattern",
+    "invalid_pattern",
+    "pattern_matches_empty",
+    "route_to_required",
+    "route_to_forbidden",
+    "route_to_self",
+    "empty_rule",
+    "duplicate_category",
+    "category_blocked_and_flagged",
+    "nothing_to_screen",
+    "category_forbidden",
 }
 
 
@@ -857,6 +870,339 @@ def test_bytes_not_utf8_rejected():
 
 def test_yaml_control_characters_rejected():
     assert problems("release: a\x00b\n") == {("(root)", "yaml_syntax")}
+
+
+# --- screening ---------------------------------------------------------------------------------
+
+# The issue's example, as an operator writes it in YAML.
+SCREENING_YAML = r"""
+rules:
+  - category: weapons
+    action: block
+    keywords: ["nerve agent synthesis"]
+    patterns: ['\bsarin\b']
+  - category: cyber
+    action: route
+    route_to: atlas-2-mini
+    keywords: [ransomware]
+classifier:
+  url: http://127.0.0.1:8001/v1/moderations
+  timeout_ms: 300
+  on_failure: refuse
+  block: [violence/graphic, sexual/minors]
+  flag: [harassment, self-harm]
+responses: buffer
+retain_flagged: {days: 30}
+"""
+
+
+def screened(screening: dict[str, Any] | str, stage: int = 1) -> dict[str, Any]:
+    """The example plan with ``screening`` (a mapping, or YAML text) on one stage."""
+    plan = example()
+    plan["stages"][stage]["screening"] = (
+        yaml.safe_load(screening) if isinstance(screening, str) else screening
+    )
+    return plan
+
+
+def rule(**fields: Any) -> dict[str, Any]:
+    return {"category": "weapons", "action": "block", "keywords": ["sarin"], **fields}
+
+
+def test_screening_from_yaml_validates_with_defaults_filled():
+    text = yaml.safe_dump(screened(SCREENING_YAML))
+
+    screening = parse_plan(text).stages[1].screening
+
+    assert screening is not None
+    assert [(r.category, r.action, r.route_to) for r in screening.rules] == [
+        ("weapons", "block", None),
+        ("cyber", "route", "atlas-2-mini"),
+    ]
+    assert screening.rules[0].patterns == (r"\bsarin\b",)
+    assert screening.rules[0].case_sensitive is False
+    assert screening.classifier is not None
+    assert (screening.classifier.model, screening.classifier.block) == (
+        "",
+        ("sexual/minors", "violence/graphic"),
+    )
+    assert (screening.responses, screening.retain_flagged.days) == ("buffer", 30)
+    assert screening.categories == (
+        "cyber",
+        "harassment",
+        "self-harm",
+        "sexual/minors",
+        "violence/graphic",
+        "weapons",
+    )
+
+
+def test_screening_round_trips_through_canonical_form():
+    doc = parse_plan(screened(SCREENING_YAML))
+
+    again = parse_plan(canonical_yaml(doc))
+
+    assert again == doc
+    assert plan_digest(again) == plan_digest(doc)
+    assert plan_digest(doc) != plan_digest(parse_plan(example()))
+
+
+def test_plans_without_screening_keep_their_canonical_form():
+    # The fields added for screening are left out while they hold their default, so
+    # a plan stored before them keeps its canonical text and digest.
+    plan = example()
+    for stage in plan["stages"]:
+        stage.pop("screening", None)
+    data = canonical_dict(parse_plan(plan))
+
+    assert [sorted(stage) for stage in data["stages"]] == [
+        sorted(
+            set(plan_stage)
+            | {
+                "tiers",
+                "description",
+                "allow_orgs",
+                "deny_orgs",
+                "cohort_percent",
+                "exit_criteria",
+                "tripwires",
+            }
+        )
+        for plan_stage in plan["stages"]
+    ]
+    assert all(
+        "category" not in tripwire for stage in data["stages"] for tripwire in stage["tripwires"]
+    )
+    assert all(
+        "max_flag_rate_by_category" not in stage["exit_criteria"] for stage in data["stages"][:-1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"sarin(?=\s)", "invalid perl operator: (?="),
+        (r"(?<!no )sarin", "invalid perl operator: (?<!"),
+        (r"(s)arin\1", "invalid escape sequence: \\1"),
+        (r"(sarin", "missing ): (sarin"),
+        (r"x{2000}", "invalid repetition size: {2000}"),
+    ],
+    ids=["lookahead", "lookbehind", "backreference", "unbalanced", "repetition"],
+)
+def test_screening_pattern_re2_refuses_is_an_error_at_its_field(pattern, reason, capfd):
+    plan = screened({"rules": [rule(), rule(patterns=[r"\bsoman\b", pattern])]})
+
+    errors = rejected(plan)
+
+    assert [(e.path, e.code) for e in errors] == [
+        ("stages[1].screening.rules[1].patterns[1]", "invalid_pattern")
+    ]
+    assert errors[0].message == f"RE2 cannot compile this pattern: {reason}"
+    # RE2 logs parse errors to stderr through absl unless told not to.
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("pattern", ["", "x*", "^", "(?:)", "a|$"])
+def test_screening_pattern_matching_empty_text(pattern):
+    plan = screened({"rules": [rule(patterns=[pattern])]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].patterns[0]", "pattern_matches_empty")}
+
+
+def test_screening_pattern_repeated():
+    plan = screened({"rules": [rule(patterns=["a+b", "c", "a+b"])]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].patterns[2]", "duplicate_pattern")}
+
+
+@pytest.mark.parametrize("keyword", ["", "   ", "\u200b\u200d", "\n\t"])
+def test_screening_keyword_without_visible_text(keyword):
+    plan = screened({"rules": [rule(keywords=["sarin", keyword])]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].keywords[1]", "empty_keyword")}
+
+
+def test_screening_keyword_repeated():
+    plan = screened({"rules": [rule(keywords=["sarin", "soman", "sarin"])]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].keywords[2]", "duplicate_keyword")}
+
+
+def test_screening_rule_needs_a_keyword_or_pattern():
+    plan = screened({"rules": [{"category": "weapons", "action": "flag"}]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0]", "empty_rule")}
+
+
+def test_screening_route_needs_route_to():
+    plan = screened({"rules": [rule(action="route")]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].route_to", "route_to_required")}
+
+
+@pytest.mark.parametrize("action", ["block", "flag"])
+def test_screening_route_to_only_on_route_rules(action):
+    plan = screened({"rules": [rule(action=action, route_to="atlas-2-mini")]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].route_to", "route_to_forbidden")}
+
+
+def test_screening_route_to_the_plans_own_release():
+    plan = screened({"rules": [rule(), rule(action="route", route_to="atlas-2")]})
+
+    errors = rejected(plan)
+
+    assert [(e.path, e.code) for e in errors] == [
+        ("stages[1].screening.rules[1].route_to", "route_to_self")
+    ]
+    assert "'atlas-2'" in errors[0].message
+
+
+@pytest.mark.parametrize("category", ["violence/graphic", "self-harm", "cyber_2", "x"])
+def test_screening_category_names_like_openai_moderation(category):
+    plan = screened({"rules": [rule(category=category)]})
+
+    assert parse_plan(plan).stages[1].screening.rules[0].category == category
+
+
+@pytest.mark.parametrize("category", ["Violence", "2cyber", "", "a b", "x" * 65])
+def test_screening_category_malformed(category):
+    plan = screened({"rules": [rule(category=category)]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].category", "string_pattern_mismatch")}
+
+
+@pytest.mark.parametrize("which", ["block", "flag"])
+def test_screening_classifier_category_repeated(which):
+    classifier = {
+        "url": "http://127.0.0.1:8001/v1/moderations",
+        which: ["hate", "violence", "hate"],
+    }
+    plan = screened({"classifier": classifier})
+
+    assert problems(plan) == {(f"stages[1].screening.classifier.{which}[2]", "duplicate_category")}
+
+
+def test_screening_classifier_category_blocked_and_flagged():
+    classifier = {
+        "url": "http://127.0.0.1:8001/v1/moderations",
+        "block": ["violence"],
+        "flag": ["hate", "violence"],
+    }
+    plan = screened({"classifier": classifier})
+
+    assert problems(plan) == {
+        ("stages[1].screening.classifier.flag[1]", "category_blocked_and_flagged")
+    }
+
+
+def test_screening_classifier_lists_are_sets():
+    one = {"url": "http://m.example/v1/moderations", "block": ["b", "a"], "flag": ["d", "c"]}
+    two = {"url": "http://m.example/v1/moderations", "block": ["a", "b"], "flag": ["c", "d"]}
+
+    assert plan_digest(parse_plan(screened({"classifier": one}))) == plan_digest(
+        parse_plan(screened({"classifier": two}))
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("ftp://127.0.0.1/v1/moderations", "invalid_url"),
+        ("127.0.0.1:8001/v1/moderations", "invalid_url"),
+        ("http://127.0.0.1:8001/v1/moderations?key=x", "invalid_url"),
+        ("https://user:hunter2@moderation.example/v1/moderations", "url_credentials"),
+    ],
+)
+def test_screening_classifier_url_rejected(url, code):
+    errors = rejected(screened({"classifier": {"url": url}}))
+
+    assert [(e.path, e.code) for e in errors] == [("stages[1].screening.classifier.url", code)]
+    assert "hunter2" not in str(errors)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        (("classifier", "timeout_ms"), 0, "greater_than_equal"),
+        (("classifier", "timeout_ms"), 10_001, "less_than_equal"),
+        (("classifier", "timeout_ms"), 300.0, "int_type"),
+        (("classifier", "on_failure"), "admit", "literal_error"),
+        (("classifier", "model"), "omni moderation", "string_pattern_mismatch"),
+        (("retain_flagged", "days"), 0, "greater_than_equal"),
+        (("retain_flagged", "days"), 366, "less_than_equal"),
+        (("responses",), "stream", "literal_error"),
+    ],
+)
+def test_screening_scalars_in_range(field, value, code):
+    screening = {
+        "rules": [rule()],
+        "classifier": {"url": "http://m.example/v1/moderations"},
+        "retain_flagged": {"days": 30},
+    }
+    *parents, name = field
+    target = screening
+    for parent in parents:
+        target = target[parent]
+    target[name] = value
+
+    assert problems(screened(screening)) == {(dotted(("stages", 1, "screening", *field)), code)}
+
+
+@pytest.mark.parametrize("responses", ["buffer", "audit"])
+def test_screening_responses_need_rules_or_a_classifier(responses):
+    plan = screened({"responses": responses})
+
+    assert problems(plan) == {("stages[1].screening", "nothing_to_screen")}
+
+
+def test_screening_unknown_key():
+    plan = screened({"rules": [rule(keyword=["sarin"])]})
+
+    assert problems(plan) == {("stages[1].screening.rules[0].keyword", "extra_forbidden")}
+
+
+def test_exit_criteria_category_rates():
+    plan = example()
+    plan["stages"][0]["exit_criteria"]["max_flag_rate_by_category"] = {
+        "weapons": 0.001,
+        "cyber": 0,
+    }
+    plan["stages"][0]["exit_criteria"]["max_confirmed_flag_rate"] = 0.002
+
+    criteria = parse_plan(plan).stages[0].exit_criteria
+
+    assert criteria.max_flag_rate_by_category == {"cyber": 0.0, "weapons": 0.001}
+    assert list(criteria.max_flag_rate_by_category) == ["cyber", "weapons"]
+    assert criteria.max_confirmed_flag_rate == 0.002
+
+
+def test_exit_criteria_category_rates_out_of_range():
+    plan = example()
+    plan["stages"][0]["exit_criteria"]["max_flag_rate_by_category"] = {"weapons": 1.5, "Bad": 0}
+    plan["stages"][0]["exit_criteria"]["max_confirmed_flag_rate"] = -0.1
+
+    assert problems(plan) == {
+        ("stages[0].exit_criteria.max_flag_rate_by_category.weapons", "less_than_equal"),
+        ("stages[0].exit_criteria.max_flag_rate_by_category.Bad", "string_pattern_mismatch"),
+        ("stages[0].exit_criteria.max_confirmed_flag_rate", "greater_than_equal"),
+    }
+
+
+def test_tripwire_category_on_flag_rate():
+    plan = example()
+    plan["stages"][0]["tripwires"][0]["category"] = "weapons"
+
+    assert parse_plan(plan).stages[0].tripwires[0].category == "weapons"
+    assert canonical_dict(parse_plan(plan))["stages"][0]["tripwires"][0]["category"] == "weapons"
+
+
+@pytest.mark.parametrize("index", [2, 3], ids=["error_rate", "incident"])
+def test_tripwire_category_only_on_flag_rate(index):
+    plan = example()
+    plan["stages"][0]["tripwires"][index]["category"] = "weapons"
+
+    assert problems(plan) == {(f"stages[0].tripwires[{index}].category", "category_forbidden")}
 
 
 # --- the policy reference --------------------------------------------------------------------
