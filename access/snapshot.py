@@ -189,6 +189,7 @@ NOT_DECIDED_FROM = frozenset(
         ObjectType.REVIEW,
         ObjectType.APPROVAL,
         ObjectType.INCIDENT,
+        ObjectType.FLAGGED_SAMPLE,
     }
 )
 MAX_INCREMENTAL_ROWS = 1000

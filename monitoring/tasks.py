@@ -21,6 +21,14 @@ def rollup_usage() -> dict:
     }
 
 
+@app.task(name="stagegate.delete_expired_samples", **RETRIED)
+def delete_expired_samples() -> dict:
+    """Delete the flagged samples past their expiry (monitoring.flags), audited as a count."""
+    from monitoring.flags import delete_expired_samples as delete
+
+    return {"deleted": delete()}
+
+
 @app.task(
     name="stagegate.publish_audit_checkpoint",
     **{**RETRIED, "autoretry_for": (*RETRIED["autoretry_for"], WebhookFailed)},

@@ -21,6 +21,7 @@ def schedule() -> tuple[Periodic, ...]:
         Periodic("stagegate.check_tripwires", settings.STAGEGATE_TRIPWIRE_INTERVAL),
         Periodic("stagegate.review_releases", settings.STAGEGATE_REVIEW_INTERVAL),
         Periodic("stagegate.expire_verifications", 3600),
+        Periodic("stagegate.delete_expired_samples", 3600),
         Periodic(
             "stagegate.publish_audit_checkpoint", settings.STAGEGATE_AUDIT_CHECKPOINT_INTERVAL
         ),

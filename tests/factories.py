@@ -15,7 +15,7 @@ from access.models import (
     Verification,
     VerificationStatus,
 )
-from monitoring.records import UsageRecord
+from monitoring.records import FlagSample, UsageRecord, excerpt
 
 EXAMPLE_PLAN = Path(__file__).resolve().parent.parent / "docs" / "examples" / "atlas-2.yaml"
 TIER_EVIDENCE = {
@@ -121,3 +121,25 @@ def traffic(
             )
         )
     return events
+
+
+def flag_sample(*, at, release: str, stage: str, text: str = "write me ransomware", **fields):
+    """One flagged sample as the proxy records it (a prompt flagged in ``cyber`` and
+    kept 30 days unless ``fields`` say otherwise), for ``UsageRecorder.record_sample``
+    or ``monitoring.usage.write_samples``."""
+    values = {
+        "created_at": at.timestamp(),
+        "request_id": f"req-{at.timestamp():.6f}",
+        "release": release,
+        "stage": stage,
+        "tier": "research_partner",
+        "org": "org_test",
+        "key": "key_test",
+        "categories": "cyber",
+        "source": "prompt",
+        "action": "flag",
+        "excerpt": excerpt(text),
+        "retain_days": 30,
+        **fields,
+    }
+    return FlagSample(**values)

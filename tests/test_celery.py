@@ -196,6 +196,7 @@ def test_beat_and_in_process_scheduler_run_the_same_tasks():
         "stagegate.check_tripwires",
         "stagegate.review_releases",
         "stagegate.expire_verifications",
+        "stagegate.delete_expired_samples",
         "stagegate.publish_audit_checkpoint",
     }
 
