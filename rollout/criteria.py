@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -46,11 +46,20 @@ class Telemetry:
     """Rolled-up usage of one release in one stage over a window.
 
     ``requests`` counts admitted requests; ``errors`` and ``flagged`` are subsets of them,
-    so each lies in ``0..requests``. ``orgs_by_tier`` counts distinct orgs with at least
-    one admitted request, per tier (a tier that is absent counts 0), and ``distinct_orgs``
-    the same over all tiers. Rollups are complete up to ``rolled_up_to`` (timezone-aware),
-    or ``None`` when nothing has been rolled up yet. Inconsistent numbers are a
-    ``ValueError`` here rather than a wrong verdict later.
+    so each lies in ``0..requests``. ``flagged`` counts requests flagged by anything
+    (screening, or the upstream's content filter); ``flagged_by_category`` counts, per
+    screening category, the admitted requests flagged (or routed) in it, each in
+    ``0..requests`` (a request flagged in two categories counts in both; a category
+    absent counts 0). ``orgs_by_tier`` counts distinct orgs with at least one admitted
+    request, per tier (a tier that is absent counts 0), and ``distinct_orgs`` the same
+    over all tiers. Rollups are complete up to ``rolled_up_to`` (timezone-aware), or
+    ``None`` when nothing has been rolled up yet.
+
+    Human review of flags (``monitoring.flags``): ``confirmed`` counts the admitted
+    requests whose retained sample a reviewer confirmed, ``pending`` those whose
+    sample awaits a decision; ``confirmed`` is ``None`` when the stage keeps no samples
+    (``screening.retain_flagged`` off), so there is nothing to judge. Inconsistent
+    numbers are a ``ValueError`` here rather than a wrong verdict later.
     """
 
     requests: int
@@ -59,11 +68,16 @@ class Telemetry:
     orgs_by_tier: Mapping[str, int]
     distinct_orgs: int
     rolled_up_to: datetime | None
+    flagged_by_category: Mapping[str, int] = field(default_factory=dict)
+    confirmed: int | None = None
+    pending: int = 0
 
     def __post_init__(self) -> None:
-        for field in ("requests", "errors", "flagged", "distinct_orgs"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"Telemetry.{field} must be >= 0, got {getattr(self, field)}")
+        for name in ("requests", "errors", "flagged", "distinct_orgs", "pending"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Telemetry.{name} must be >= 0, got {getattr(self, name)}")
+        if self.confirmed is not None and self.confirmed < 0:
+            raise ValueError(f"Telemetry.confirmed must be >= 0, got {self.confirmed}")
         if self.errors > self.requests:
             raise ValueError(f"Telemetry.errors ({self.errors}) exceeds requests ({self.requests})")
         if self.flagged > self.requests:
@@ -73,11 +87,18 @@ class Telemetry:
         for tier, count in self.orgs_by_tier.items():
             if count < 0:
                 raise ValueError(f"Telemetry.orgs_by_tier[{tier!r}] must be >= 0, got {count}")
+        for category, count in self.flagged_by_category.items():
+            if not 0 <= count <= self.requests:
+                raise ValueError(
+                    f"Telemetry.flagged_by_category[{category!r}] must lie in"
+                    f" 0..requests ({self.requests}), got {count}"
+                )
         if self.rolled_up_to is not None:
             _require_aware("Telemetry.rolled_up_to", self.rolled_up_to)
         # A frozen dataclass should not change under the caller's later edits of the dict. A
         # plain dict (not a MappingProxyType) so that dataclasses.asdict and copy still work.
         object.__setattr__(self, "orgs_by_tier", dict(self.orgs_by_tier))
+        object.__setattr__(self, "flagged_by_category", dict(self.flagged_by_category))
 
 
 @dataclass(frozen=True)
@@ -226,13 +247,20 @@ def evaluate_exit(
 
     Results come in this order, with these names: ``min_days_in_stage``,
     ``min_requests``, ``min_distinct_orgs``, one ``min_distinct_orgs:<tier>`` per entry of
-    ``min_distinct_orgs_per_tier`` (in ``TIERS`` order), ``max_flag_rate``,
-    ``max_error_rate``, ``no_open_incident``, ``approvals``.
+    ``min_distinct_orgs_per_tier`` (in ``TIERS`` order), ``max_flag_rate``, one
+    ``max_flag_rate:<category>`` per entry of ``max_flag_rate_by_category`` (sorted),
+    ``max_error_rate``, ``max_confirmed_flag_rate`` (when the plan sets it),
+    ``no_open_incident``, ``approvals``.
 
     - Days in stage are observed truncated to hundredths of a day and pass when that value
       reaches the minimum, so the criterion never passes before the time is up.
     - Rates pass when the 95% Wilson upper bound of the observed rate is at most the
-      maximum; zero requests give a bound of 1.0.
+      maximum; zero requests give a bound of 1.0. A category's flag rate is its flagged
+      requests over all admitted requests.
+    - ``max_confirmed_flag_rate`` judges the requests a reviewer confirmed over the
+      admitted requests. It fails while a flagged request of the period still awaits a
+      reviewer's decision (unreviewed evidence does not pass, as missing telemetry does
+      not), and when the stage keeps no samples to review (``telemetry.confirmed`` None).
     - ``no_open_incident`` fails when an incident of ``stage`` at or above
       ``block_on_incident_severity`` is open; incidents of other stages do not count.
     - Every telemetry-based criterion fails, with ``observed=None``, when ``telemetry``
@@ -269,7 +297,16 @@ def _telemetry_thresholds(criteria: ExitCriteria) -> list[tuple[str, float | int
             for tier, minimum in criteria.min_distinct_orgs_per_tier.items()
         ),
         ("max_flag_rate", criteria.max_flag_rate),
+        *(
+            (f"max_flag_rate:{category}", maximum)
+            for category, maximum in criteria.max_flag_rate_by_category.items()
+        ),
         ("max_error_rate", criteria.max_error_rate),
+        *(
+            [("max_confirmed_flag_rate", criteria.max_confirmed_flag_rate)]
+            if criteria.max_confirmed_flag_rate is not None
+            else []
+        ),
     ]
 
 
@@ -288,17 +325,59 @@ def _telemetry_criteria(criteria: ExitCriteria, telemetry: Telemetry) -> list[Cr
         results.append(
             _at_least(f"min_distinct_orgs:{tier}", observed, minimum, f"distinct {tier} orgs")
         )
-    flag_rate = _rate_at_most(
-        "max_flag_rate", "flag rate", telemetry.flagged, telemetry.requests, criteria.max_flag_rate
+    results.append(
+        _rate_at_most(
+            "max_flag_rate",
+            "flag rate",
+            telemetry.flagged,
+            telemetry.requests,
+            criteria.max_flag_rate,
+        )
     )
-    error_rate = _rate_at_most(
-        "max_error_rate",
-        "error rate",
-        telemetry.errors,
-        telemetry.requests,
-        criteria.max_error_rate,
+    for category, maximum in criteria.max_flag_rate_by_category.items():
+        results.append(
+            _rate_at_most(
+                f"max_flag_rate:{category}",
+                f"{category} flag rate",
+                telemetry.flagged_by_category.get(category, 0),
+                telemetry.requests,
+                maximum,
+            )
+        )
+    results.append(
+        _rate_at_most(
+            "max_error_rate",
+            "error rate",
+            telemetry.errors,
+            telemetry.requests,
+            criteria.max_error_rate,
+        )
     )
-    return [*results, flag_rate, error_rate]
+    if criteria.max_confirmed_flag_rate is not None:
+        results.append(_confirmed_rate(criteria.max_confirmed_flag_rate, telemetry))
+    return results
+
+
+def _confirmed_rate(maximum: float, telemetry: Telemetry) -> CriterionResult:
+    name = "max_confirmed_flag_rate"
+    if telemetry.confirmed is None:
+        explanation = (
+            "no flagged samples are kept in this stage (screening.retain_flagged is off),"
+            " so none can be confirmed"
+        )
+        return CriterionResult(name, None, maximum, False, explanation)
+    # Samples are counted apart from the rollups: never let one read a request the
+    # rollups have not counted yet as a rate above 1.
+    requests = max(telemetry.requests, telemetry.confirmed)
+    result = _rate_at_most(name, "confirmed flag rate", telemetry.confirmed, requests, maximum)
+    if not telemetry.pending:
+        return result
+    waiting = _count(telemetry.pending, "flagged request")
+    return dataclasses.replace(
+        result,
+        passed=False,
+        explanation=f"{result.explanation}; {waiting} still awaiting a reviewer's decision",
+    )
 
 
 def _days_in_stage(minimum: float, entered_at: datetime, now: datetime) -> CriterionResult:
@@ -380,7 +459,8 @@ def evaluate_tripwire(
 
     A ``flag_rate`` / ``error_rate`` tripwire fires when the point rate over ``window``
     (the telemetry of its last ``window_minutes``, rolled up by the caller) reaches the
-    threshold and the window holds at least ``min_requests`` admitted requests. With
+    threshold and the window holds at least ``min_requests`` admitted requests. A
+    ``flag_rate`` tripwire with a ``category`` counts that category's flags only. With
     missing or stale telemetry it cannot tell, so it does not fire and says so. An
     ``incident`` tripwire fires when an incident of ``stage`` at or above its severity is
     open; it needs no telemetry.
@@ -402,11 +482,18 @@ def evaluate_tripwire(
         reason = f"cannot judge: {problem or NO_TELEMETRY}"
         return _tripwire_result(tripwire, False, None, threshold, reason)
 
-    events = window.flagged if tripwire.metric == "flag_rate" else window.errors
+    label = _RATE_LABELS[tripwire.metric]
+    if tripwire.metric == "error_rate":
+        events = window.errors
+    elif tripwire.category is None:
+        events = window.flagged
+    else:
+        events = window.flagged_by_category.get(tripwire.category, 0)
+        label = f"{tripwire.category} {label}"
     # Zero requests means nothing went wrong in the window: 0.0 cannot reach a threshold > 0.
     rate = events / window.requests if window.requests else 0.0
     observed = (
-        f"{_RATE_LABELS[tripwire.metric]} {_percent(rate)} ({events} of {window.requests})"
+        f"{label} {_percent(rate)} ({events} of {window.requests})"
         f" in the last {tripwire.window_minutes} min"
     )
     enough = window.requests >= tripwire.min_requests

@@ -4,7 +4,8 @@ incidents and tripwires, and store the verdict as an immutable ``Review``.
 ``evaluate`` is read-only and shared with the tripwire check and the console;
 ``create_review`` stores one review with its audit row. Reviews read rollups
 (``monitoring.rollups``), never raw usage events, so a review costs the same at a
-thousand events or a billion.
+thousand events or a billion; and the flagged samples kept for human review
+(``monitoring.flags``), counted by status, for the confirmed flag rate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from monitoring import audit
+from monitoring.flags import SampleCounts, sample_counts
 from monitoring.rollups import Totals, rollup_pending, stage_totals, window_totals
 from rollout import criteria
 from rollout.models import (
@@ -46,6 +48,7 @@ class Evaluation:
     stage: StagePolicy
     next_stage: str | None
     totals: Totals
+    samples: SampleCounts  # the flagged samples kept of the period, by status
     criteria: list[criteria.CriterionResult]
     tripwires: list[criteria.TripwireResult]
     recommendation: criteria.Recommendation
@@ -57,8 +60,10 @@ def max_staleness() -> timedelta:
     return timedelta(seconds=settings.STAGEGATE_TELEMETRY_MAX_STALENESS)
 
 
-def as_telemetry(totals: Totals) -> criteria.Telemetry:
-    """The criteria's view of rolled-up totals: admitted traffic only."""
+def as_telemetry(totals: Totals, samples: SampleCounts | None = None) -> criteria.Telemetry:
+    """The criteria's view of rolled-up totals: admitted traffic only; with the flagged
+    samples' counts when the stage keeps samples (``samples``), else no confirmed
+    count to judge."""
     return criteria.Telemetry(
         requests=totals.allowed,
         errors=totals.errors,
@@ -66,11 +71,32 @@ def as_telemetry(totals: Totals) -> criteria.Telemetry:
         orgs_by_tier={tier: len(orgs) for tier, orgs in totals.orgs_by_tier.items()},
         distinct_orgs=totals.distinct_orgs,
         rolled_up_to=totals.rolled_up_to,
+        flagged_by_category=totals.flagged_by_category,
+        confirmed=None if samples is None else samples.confirmed_requests,
+        pending=0 if samples is None else samples.pending_requests,
     )
 
 
-def totals_dict(totals: Totals) -> dict:
-    """Totals as stored on a review (JSON-ready)."""
+def keeps_samples(stage: StagePolicy) -> bool:
+    """Whether the stage's plan keeps flagged samples for human review."""
+    return stage.screening is not None and stage.screening.retain_flagged is not None
+
+
+def stage_samples(release: Release, stage: StagePolicy, totals: Totals) -> SampleCounts:
+    """The flagged samples of the stage's period as far as ``totals`` counted its
+    requests (to its end, or to the rollups' freshness if that is earlier), so the
+    confirmed requests never run ahead of the admitted ones."""
+    until = totals.until
+    if totals.rolled_up_to is not None:
+        until = min(until, totals.rolled_up_to)
+    return sample_counts(
+        release=release.name, stage=stage.name, since=totals.since, until=max(until, totals.since)
+    )
+
+
+def totals_dict(totals: Totals, samples: SampleCounts | None = None) -> dict:
+    """Totals as stored on a review (JSON-ready), with screening's flags by category
+    and the flagged samples by status (``samples``: pending, confirmed, dismissed)."""
     return {
         "since": totals.since.isoformat(),
         "until": totals.until.isoformat(),
@@ -84,6 +110,9 @@ def totals_dict(totals: Totals) -> dict:
         "completion_tokens": totals.completion_tokens,
         "distinct_orgs": totals.distinct_orgs,
         "orgs_by_tier": {tier: len(orgs) for tier, orgs in sorted(totals.orgs_by_tier.items())},
+        "flagged_by_category": dict(totals.flagged_by_category),
+        "denied_by_category": dict(totals.denied_by_category),
+        "samples": (samples or SampleCounts()).as_dict(),
     }
 
 
@@ -168,12 +197,13 @@ def evaluate(release: Release, *, now: datetime | None = None) -> Evaluation:
     totals = stage_totals(
         release=release.name, stage=stage.name, since=release.stage_entered_at, until=now
     )
+    samples = stage_samples(release, stage, totals)
     incidents = open_incidents(release)
     results: list[criteria.CriterionResult] = []
     if stage.exit_criteria is not None:
         results = criteria.evaluate_exit(
             stage.exit_criteria,
-            telemetry=as_telemetry(totals),
+            telemetry=as_telemetry(totals, samples if keeps_samples(stage) else None),
             stage=stage.name,
             stage_entered_at=release.stage_entered_at,
             now=now,
@@ -191,6 +221,7 @@ def evaluate(release: Release, *, now: datetime | None = None) -> Evaluation:
         stage=stage,
         next_stage=next_stage,
         totals=totals,
+        samples=samples,
         criteria=results,
         tripwires=tripwires,
         recommendation=recommendation,
@@ -235,7 +266,7 @@ def create_review(
             summary=evaluation.summary[:500],
             criteria=[result.as_dict() for result in evaluation.criteria],
             tripwires=[result.as_dict() for result in evaluation.tripwires],
-            telemetry=totals_dict(evaluation.totals),
+            telemetry=totals_dict(evaluation.totals, evaluation.samples),
             approvals_needed=stage.exit_criteria.approvals_needed if stage.exit_criteria else 0,
             trigger=trigger,
             requested_by=requested_by if getattr(requested_by, "pk", None) else None,

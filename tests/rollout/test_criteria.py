@@ -528,6 +528,120 @@ def test_max_flag_rate_judges_flagged_not_errors():
     assert flags.explanation.startswith("flag rate 95% upper bound 4.25% (30 of 1000")
 
 
+# --- evaluate_exit: screening's categories and the confirmed flag rate ---------------------
+
+
+def test_max_flag_rate_by_category_judges_each_category_by_name():
+    criteria = make_criteria(max_flag_rate_by_category={"weapons": 0.001, "cyber": 0.05})
+    telemetry = make_telemetry(
+        requests=1000, flagged=30, flagged_by_category={"cyber": 25, "weapons": 5, "other": 1}
+    )
+    results = judge(criteria, telemetry=telemetry)
+    assert [item.name for item in results][3:8] == [
+        "min_distinct_orgs:research_partner",
+        "max_flag_rate",
+        "max_flag_rate:cyber",
+        "max_flag_rate:weapons",
+        "max_error_rate",
+    ]
+    cyber, weapons = (
+        result(results, "max_flag_rate:cyber"),
+        result(results, "max_flag_rate:weapons"),
+    )
+    assert (cyber.observed, cyber.threshold, cyber.passed) == (
+        pytest.approx(wilson_reference(25, 1000)),
+        0.05,
+        True,
+    )
+    assert (weapons.observed, weapons.passed) == (pytest.approx(wilson_reference(5, 1000)), False)
+    assert weapons.explanation == (
+        "weapons flag rate 95% upper bound 1.17% (5 of 1000, point rate 0.5%)"
+        " is above the 0.1% maximum"
+    )
+
+
+def test_max_flag_rate_by_category_with_no_flag_in_it_judges_zero():
+    criteria = make_criteria(max_flag_rate_by_category={"weapons": 0.01})
+    item = result(judge(criteria), "max_flag_rate:weapons")
+    assert (item.observed, item.passed) == (pytest.approx(wilson_reference(0, 10_000)), True)
+
+
+def test_max_confirmed_flag_rate_judges_confirmed_requests():
+    criteria = make_criteria(max_confirmed_flag_rate=0.01)
+    passing = result(
+        judge(criteria, telemetry=make_telemetry(confirmed=3)), "max_confirmed_flag_rate"
+    )
+    failing = result(
+        judge(criteria, telemetry=make_telemetry(confirmed=90)), "max_confirmed_flag_rate"
+    )
+    assert (passing.observed, passing.threshold, passing.passed) == (
+        pytest.approx(wilson_reference(3, 10_000)),
+        0.01,
+        True,
+    )
+    assert (failing.observed, failing.passed) == (
+        pytest.approx(wilson_reference(90, 10_000)),
+        False,
+    )
+    assert passing.explanation.startswith("confirmed flag rate 95% upper bound 0.09% (3 of 10000")
+    assert [item.name for item in judge(criteria)][-3:] == [
+        "max_confirmed_flag_rate",
+        "no_open_incident",
+        "approvals",
+    ]
+
+
+def test_max_confirmed_flag_rate_fails_while_a_flagged_request_awaits_review():
+    criteria = make_criteria(max_confirmed_flag_rate=0.01)
+    item = result(
+        judge(criteria, telemetry=make_telemetry(confirmed=1, pending=2)), "max_confirmed_flag_rate"
+    )
+    assert (item.observed, item.passed) == (pytest.approx(wilson_reference(1, 10_000)), False)
+    assert item.explanation.endswith(
+        "is within the 1.0% maximum; 2 flagged requests still awaiting a reviewer's decision"
+    )
+
+
+def test_max_confirmed_flag_rate_fails_when_the_stage_keeps_no_samples():
+    criteria = make_criteria(max_confirmed_flag_rate=0.5)
+    item = result(
+        judge(criteria, telemetry=make_telemetry(confirmed=None)), "max_confirmed_flag_rate"
+    )
+    assert (item.observed, item.passed) == (None, False)
+    assert item.explanation == (
+        "no flagged samples are kept in this stage (screening.retain_flagged is off),"
+        " so none can be confirmed"
+    )
+
+
+def test_max_confirmed_flag_rate_never_reads_more_confirmed_than_requests_as_above_one():
+    # Samples are counted apart from the rollups: a confirmed request the rollups have
+    # not counted yet reads as all of them, never as a rate above 1.
+    criteria = make_criteria(max_confirmed_flag_rate=0.5, min_requests=0)
+    telemetry = make_telemetry(requests=1, errors=0, flagged=1, confirmed=2)
+    item = result(judge(criteria, telemetry=telemetry), "max_confirmed_flag_rate")
+    assert (item.observed, item.passed) == (1.0, False)
+
+
+def test_category_criteria_without_telemetry_fail_by_name():
+    criteria = make_criteria(max_flag_rate_by_category={"cyber": 0.1}, max_confirmed_flag_rate=0.1)
+    results = judge(criteria, telemetry=None)
+    assert [
+        (item.name, item.observed, item.passed)
+        for item in results
+        if item.name in ("max_flag_rate:cyber", "max_confirmed_flag_rate")
+    ] == [("max_flag_rate:cyber", None, False), ("max_confirmed_flag_rate", None, False)]
+
+
+def test_telemetry_refuses_a_category_count_outside_its_requests():
+    with pytest.raises(ValueError, match=r"flagged_by_category\['cyber'\] must lie in 0..requests"):
+        make_telemetry(requests=10, errors=0, flagged=10, flagged_by_category={"cyber": 11})
+    with pytest.raises(ValueError, match=r"Telemetry\.pending must be >= 0"):
+        make_telemetry(pending=-1)
+    with pytest.raises(ValueError, match=r"Telemetry\.confirmed must be >= 0"):
+        make_telemetry(confirmed=-1)
+
+
 # --- evaluate_exit: missing and stale telemetry -------------------------------------------
 
 
@@ -708,6 +822,21 @@ def test_evaluate_tripwire_flag_rate_judges_flagged():
     assert item.explanation == (
         "fired: flag rate 5.0% (10 of 200) in the last 15 min reached the 5.0% threshold"
     )
+
+
+def test_evaluate_tripwire_flag_rate_of_a_category_judges_that_category_only():
+    cyber = error_spike(
+        name="cyber-spike", metric="flag_rate", category="cyber", threshold=0.05, action="pause"
+    )
+    window = make_telemetry(requests=200, errors=0, flagged=40, flagged_by_category={"cyber": 9})
+    item = trip(cyber, window=window)
+    assert (item.fired, item.observed) == (False, 0.045)
+    assert item.explanation == (
+        "cyber flag rate 4.5% (9 of 200) in the last 15 min is below the 5.0% threshold"
+    )
+    fired = trip(cyber, window=replace(window, flagged_by_category={"cyber": 10}))
+    assert (fired.fired, fired.observed) == (True, 0.05)
+    assert trip(cyber, window=replace(window, flagged_by_category={})).observed == 0.0
 
 
 def test_evaluate_tripwire_missing_telemetry_cannot_judge():

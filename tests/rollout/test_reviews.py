@@ -8,17 +8,20 @@ Cast: tests/rollout/mini_cast.py (atlas-mini).
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.utils import timezone
 
-from monitoring.models import AuditEvent
+from monitoring.flags import decide_sample
+from monitoring.models import AuditEvent, FlaggedSample
+from monitoring.usage import write_events, write_samples
 from rollout import transitions
 from rollout.models import Release, Review
 from rollout.plans import apply_plan
 from rollout.reviews import create_review, review_releases
-from tests.rollout.mini_cast import PLAN, healthy_traffic, results, review_now
+from tests.factories import flag_sample, traffic
+from tests.rollout.mini_cast import PARTNERS, PLAN, healthy_traffic, results, review_now
 
 
 def test_review_without_traffic_recommends_hold(mini):
@@ -153,3 +156,156 @@ def test_review_releases_goes_on_after_one_fails(mini, paused_release, ada, capl
     assert [record.getMessage() for record in caplog.records] == [
         "periodic review of atlas-nano failed"
     ]
+
+
+# --- screening: flags by category, the flagged samples a reviewer decides --------------------
+
+# atlas-mini's first stage screening prompts, keeping flagged samples, with a criterion
+# per category, one on the confirmed rate, and a tripwire on the cyber flags alone.
+SCREENED = PLAN.replace(
+    "      block_on_incident_severity: high\n",
+    "      block_on_incident_severity: high\n"
+    "      max_flag_rate_by_category: {cyber: 0.05, weapons: 0.01}\n"
+    "      max_confirmed_flag_rate: 0.02\n",
+    1,
+).replace(
+    "      - {name: serious-incident, metric: incident, severity: high, action: pause}\n",
+    "      - {name: serious-incident, metric: incident, severity: high, action: pause}\n"
+    "      - {name: cyber-spike, metric: flag_rate, category: cyber, threshold: 0.2,\n"
+    "         window_minutes: 60, min_requests: 20, action: pause}\n"
+    "    screening:\n"
+    "      rules:\n"
+    "        - {category: cyber, action: flag, keywords: [ransomware]}\n"
+    "        - {category: weapons, action: block, keywords: [sarin]}\n"
+    "      retain_flagged: {days: 30}\n",
+    1,
+)
+
+
+@pytest.fixture
+def screened(mini, ada):
+    apply_plan(SCREENED, actor=ada)
+    mini.refresh_from_db()
+    return mini
+
+
+def screened_traffic(release, *, count=400, cyber_every=40, minutes=600):
+    """Healthy traffic of which every ``cyber_every``-th request was flagged ``cyber``
+    by screening, and one prompt blocked as ``weapons``; returns the flagged events."""
+    # In whole minutes before the current one, which reviews and tripwires do not count yet.
+    end = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=1)
+    events = traffic(
+        release=release.name,
+        stage=release.current_stage,
+        orgs=PARTNERS,
+        count=count,
+        start=end - timedelta(minutes=minutes),
+        end=end,
+    )
+    events = [
+        event._replace(flags="cyber") if index % cyber_every == 0 else event
+        for index, event in enumerate(events)
+    ]
+    blocked = events[1]._replace(
+        request_id="req-blocked", decision="deny", reason="content_blocked", flags="weapons"
+    )
+    write_events([*events, blocked])
+    return [event for event in events if event.flags]
+
+
+def keep_samples(events) -> list[FlaggedSample]:
+    """The samples the proxy kept of ``events`` (one each, as it records them)."""
+    write_samples(
+        [
+            flag_sample(
+                at=datetime.fromtimestamp(event.created_at, UTC),
+                release=event.release,
+                stage=event.stage,
+                request_id=event.request_id,
+                org=event.org,
+            )
+            for event in events
+        ]
+    )
+    return list(FlaggedSample.objects.order_by("created_at"))
+
+
+def test_review_reports_flags_by_category_and_the_samples_by_status(screened, rita):
+    flagged = screened_traffic(screened)  # 10 of 400 cyber: 2.5%, bound 4.5%
+    samples = keep_samples(flagged[:4])
+    decide_sample(samples[0], decision="confirmed", actor=rita)
+    decide_sample(samples[1], decision="confirmed", actor=rita)
+    decide_sample(samples[2], decision="dismissed", actor=rita)
+
+    review = review_now(screened)
+
+    assert review.telemetry["flagged"] == 10  # a screening flag is a flag
+    assert review.telemetry["flagged_by_category"] == {"cyber": 10}
+    assert review.telemetry["denied_by_category"] == {"weapons": 1}
+    assert review.telemetry["samples"] == {
+        "pending": 1,
+        "confirmed": 2,
+        "dismissed": 1,
+        "confirmed_requests": 2,
+        "pending_requests": 1,
+    }
+    assert {name: passed for name, passed in results(review).items() if ":" in name} == {
+        "min_distinct_orgs:research_partner": True,
+        "max_flag_rate:cyber": True,
+        "max_flag_rate:weapons": True,
+    }
+    confirmed = next(r for r in review.criteria if r["name"] == "max_confirmed_flag_rate")
+    assert confirmed["passed"] is False  # one flagged request awaits a decision
+    assert confirmed["explanation"].endswith(
+        "; 1 flagged request still awaiting a reviewer's decision"
+    )
+    assert review.recommendation == "hold"
+    assert [(t["name"], t["fired"]) for t in review.tripwires][-1] == ("cyber-spike", False)
+
+    decide_sample(samples[3], decision="dismissed", actor=rita)
+    after = review_now(screened)
+
+    assert results(after)["max_confirmed_flag_rate"] is True  # 2 of 400: bound 1.8%
+    assert after.recommendation == "advance"
+
+
+def test_review_confirmed_flag_rate_moves_with_each_confirmation(screened, rita):
+    flagged = screened_traffic(screened)
+    samples = keep_samples(flagged[:3])
+    for sample in samples[:2]:
+        decide_sample(sample, decision="confirmed", actor=rita)
+    decide_sample(samples[2], decision="dismissed", actor=rita)
+    before = next(
+        r for r in review_now(screened).criteria if r["name"] == "max_confirmed_flag_rate"
+    )
+
+    (fourth,) = set(keep_samples(flagged[3:4])) - set(samples)
+    decide_sample(fourth, decision="confirmed", actor=rita)
+    after = next(r for r in review_now(screened).criteria if r["name"] == "max_confirmed_flag_rate")
+
+    assert (before["passed"], after["passed"]) == (True, False)  # 2 -> 3 of 400
+    assert before["explanation"].startswith("confirmed flag rate 95% upper bound 1.8% (2 of 400")
+    assert after["explanation"].startswith("confirmed flag rate 95% upper bound 2.18% (3 of 400")
+
+
+def test_review_without_kept_samples_fails_the_confirmed_rate(screened, ada):
+    apply_plan(SCREENED.replace("      retain_flagged: {days: 30}\n", ""), actor=ada)
+    screened.refresh_from_db()
+    screened_traffic(screened)
+
+    review = review_now(screened)
+
+    confirmed = next(r for r in review.criteria if r["name"] == "max_confirmed_flag_rate")
+    assert (confirmed["passed"], confirmed["observed"]) == (False, None)
+    assert review.recommendation == "hold"
+
+
+def test_review_category_tripwire_fires_on_its_own_category(screened):
+    screened_traffic(screened, count=100, cyber_every=4, minutes=50)  # 25% cyber
+
+    review = review_now(screened)
+
+    spike = next(t for t in review.tripwires if t["name"] == "cyber-spike")
+    assert (spike["fired"], spike["observed"]) == (True, 0.25)
+    assert spike["explanation"].startswith("fired: cyber flag rate 25.0% (25 of 100)")
+    assert review.recommendation == "rollback"
