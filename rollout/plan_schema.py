@@ -370,12 +370,12 @@ class Tripwire(_Document):
         return value
 
 
-def re2_options(*, case_sensitive: bool = True) -> re2.Options:
+def re2_options(*, case_sensitive: bool = True, max_mem: int = RE2_MAX_MEM) -> re2.Options:
     """RE2's options for screening: UTF-8, quiet (RE2 would log every parse error to
-    stderr through absl), and the budget of ``RE2_MAX_MEM``."""
+    stderr through absl), and a memory budget of ``max_mem`` bytes."""
     options = re2.Options()
     options.log_errors = False
-    options.max_mem = RE2_MAX_MEM
+    options.max_mem = max_mem
     options.case_sensitive = case_sensitive
     return options
 
