@@ -11,6 +11,13 @@ got), ``upstream_seconds``, ``error`` (a stream that broke after its status was 
 and ``client_disconnected``; it returns the ``Usage`` it read. An upstream that gives
 no answer before anything was sent raises ``UpstreamFailure``, which the caller
 answers and records.
+
+When the stage screens answers, both take the call's ``AnswerScreen``
+(``access.proxy.screening``): a whole answer is screened before it is sent; a stream is
+held until screened whole (``buffer``) or sent as each batch of events passes and cut
+when one does not (``audit``). An answer screening refused is not sent at all
+(``call.status`` stays 0 and the caller answers the screen's ``refusal``). Without a
+screen the relaying is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import orjson
 
 if TYPE_CHECKING:
     from access.proxy.common import Call
+    from access.proxy.screening import AnswerScreen
 
 # SSE events end with a blank line; servers use \n or \r\n.
 EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -127,12 +135,17 @@ class SSERelay:
         self.done = False
         self._pending = b""
 
-    def feed(self, chunk: bytes) -> bytes:
-        """The whole events in ``pending + chunk`` to send on now."""
+    def _split(self, chunk: bytes) -> list[bytes]:
+        """The whole events in ``pending + chunk``; the rest waits for the next chunk."""
         data = self._pending + chunk if self._pending else chunk
         # The regex has no literal first byte to search for: ten times slower than split.
         parts = EVENT_END.split(data) if b"\r" in data else data.split(b"\n\n")
         self._pending = parts.pop()
+        return parts
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events in ``pending + chunk`` to send on now."""
+        parts = self._split(chunk)
         if not parts:
             return b""
         out = []
@@ -141,6 +154,10 @@ class SSERelay:
                 out.append(event)
                 out.append(b"\n\n")
         return b"".join(out)
+
+    def events(self, chunk: bytes) -> list[bytes]:
+        """The whole events in ``pending + chunk`` to send on, each without its blank line."""
+        return [event for event in self._split(chunk) if self._keep(event)]
 
     def tail(self) -> bytes:
         """Whatever is left when the upstream closes (an unterminated last event)."""
@@ -198,16 +215,26 @@ class Upstream:
     async def close(self) -> None:
         await self.session.close()
 
-    def _headers(self, call: Call) -> dict[str, str]:
-        return {**self._base_headers, "x-request-id": call.request_id}
+    def headers_for(self, call: Call, *, identity: bool = False) -> dict[str, str]:
+        """The headers of a request to an upstream for ``call``; ``identity`` asks for an
+        answer that is not compressed (one the proxy reads rather than passes on)."""
+        headers = {**self._base_headers, "x-request-id": call.request_id}
+        if identity:
+            headers["accept-encoding"] = "identity"
+        return headers
 
-    async def relay(self, send, call: Call, base_url: str, suffix, body, headers) -> Usage:
-        """Forward ``body`` and answer the client with the upstream's whole answer."""
+    async def relay(
+        self, send, call: Call, base_url: str, suffix, body, headers, screen=None
+    ) -> Usage:
+        """Forward ``body`` and answer the client with the upstream's whole answer
+        (screened first when ``screen``, an ``AnswerScreen``, is given)."""
         usage = Usage()
         url = base_url + suffix
         started = time.perf_counter()
         try:
-            async with self.session.post(url, data=body, headers=self._headers(call)) as r:
+            async with self.session.post(
+                url, data=body, headers=self.headers_for(call, identity=screen is not None)
+            ) as r:
                 payload = await r.read()
                 status = r.status
                 content_type = r.headers.get("content-type", "application/json")
@@ -226,6 +253,8 @@ class Upstream:
                 ) from None
             if isinstance(document, dict):
                 usage.read(document)
+                if screen is not None and not await screen.passes(document):
+                    return usage  # nothing sent: the caller answers screen.refusal
         call.status = status
         await send(
             {
@@ -242,13 +271,23 @@ class Upstream:
         return usage
 
     async def relay_stream(
-        self, receive, send, call: Call, base_url: str, suffix, body, headers, hide_usage
+        self,
+        receive,
+        send,
+        call: Call,
+        base_url: str,
+        suffix,
+        body,
+        headers,
+        hide_usage,
+        screen: AnswerScreen | None = None,
     ) -> Usage:
-        """Forward ``body`` and pass the upstream's event stream on as it arrives.
+        """Forward ``body`` and pass the upstream's event stream on as it arrives
+        (screened as ``screen.mode`` says when ``screen`` is given: ``_relay_screened``).
 
         Without a usage chunk that reached the client (it left, or the upstream sent
-        none), the completion counts one token per content chunk it was sent; the
-        caller estimates the prompt.
+        none, or screening cut the stream), the completion counts one token per content
+        chunk the upstream sent; the caller estimates the prompt.
         """
         url = base_url + suffix
         relay = SSERelay(hide_usage_chunk=hide_usage)
@@ -257,7 +296,9 @@ class Upstream:
         gone = asyncio.ensure_future(receive())
         try:
             try:
-                response = await self.session.post(url, data=body, headers=self._headers(call))
+                response = await self.session.post(
+                    url, data=body, headers=self.headers_for(call, identity=screen is not None)
+                )
             except Exception as exc:
                 call.upstream_seconds = time.perf_counter() - started
                 raise translate(exc, base_url) from None
@@ -281,39 +322,153 @@ class Upstream:
                     )
                     await send({"type": "http.response.body", "body": payload})
                     return relay.usage
-                call.status = 200
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers}
-                )
-                try:
-                    async for chunk in response.content.iter_any():
-                        out = relay.feed(chunk)
-                        if gone.done():
-                            call.client_disconnected = True
-                            break
-                        if out:
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                    else:
-                        out = relay.tail()
-                        if out:
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                        if not relay.done:
-                            call.error = "upstream_incomplete"
-                except Exception as exc:  # the stream broke after the status was sent
-                    call.error = translate(exc, base_url).error
-                call.upstream_seconds = time.perf_counter() - started
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if screen is not None:
+                    try:
+                        await self._relay_screened(
+                            send, call, base_url, response, relay, screen, gone, headers
+                        )
+                    finally:
+                        call.upstream_seconds = time.perf_counter() - started
+                else:
+                    call.status = 200
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": SSE_HEADERS + headers,
+                        }
+                    )
+                    try:
+                        async for chunk in response.content.iter_any():
+                            out = relay.feed(chunk)
+                            if gone.done():
+                                call.client_disconnected = True
+                                break
+                            if out:
+                                await send(
+                                    {"type": "http.response.body", "body": out, "more_body": True}
+                                )
+                        else:
+                            out = relay.tail()
+                            if out:
+                                await send(
+                                    {"type": "http.response.body", "body": out, "more_body": True}
+                                )
+                            if not relay.done:
+                                call.error = "upstream_incomplete"
+                    except Exception as exc:  # the stream broke after the status was sent
+                        call.error = translate(exc, base_url).error
+                    call.upstream_seconds = time.perf_counter() - started
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if gone.done():
                 call.client_disconnected = True
             else:
                 gone.cancel()
+        return self._stream_usage(call, relay)
+
+    @staticmethod
+    def _stream_usage(call: Call, relay: SSERelay) -> Usage:
         usage = relay.usage
         if call.client_disconnected or not usage.reported:
             usage.completion_tokens = relay.content_chunks
             usage.reported = False
         return usage
+
+    async def _relay_screened(
+        self, send, call: Call, base_url: str, response, relay: SSERelay, screen, gone, headers
+    ) -> None:
+        """Relay a stream the stage screens. ``buffer``: hold every event, screen the
+        whole answer, then send it all, or nothing (``call.status`` left 0) when it is
+        refused; a stream that breaks before that is an ``UpstreamFailure`` (nothing was
+        sent). ``audit``: send each event once the text so far passes the rules; end the
+        stream with ``screen.closing()`` instead of the first event that does not, or
+        instead of ``[DONE]`` when the whole answer does not pass (``screen.finish``)."""
+        if screen.mode == "buffer":
+            held: list[bytes] = []
+            try:
+                async for chunk in response.content.iter_any():
+                    held += relay.events(chunk)
+                    if gone.done():
+                        call.client_disconnected = True
+                        break
+                else:
+                    if rest := relay.tail():
+                        held.append(rest)
+            except Exception as exc:  # nothing was sent: answered as a failure
+                raise translate(exc, base_url) from None
+            if call.client_disconnected:  # no one to screen for
+                call.status = 200
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers}
+                )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            if not relay.done:
+                call.error = "upstream_incomplete"
+            for event in held:
+                screen.take(event)
+            if not await screen.passes_whole():
+                return  # nothing sent: the caller answers screen.refusal
+            call.status = 200
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers}
+            )
+            out = b"".join(event + b"\n\n" for event in held)
+            await send({"type": "http.response.body", "body": out, "more_body": False})
+            return
+
+        call.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+        ending = b""
+        try:
+            async for chunk in response.content.iter_any():
+                events = relay.events(chunk)
+                if gone.done():
+                    call.client_disconnected = True
+                    break
+                if not events:
+                    continue
+                if relay.done:  # the end: [DONE] waits for the whole answer's screening
+                    events = [event for event in events if not event.startswith(DONE)]
+                    ending = DONE + b"\n\n"
+                passed = []
+                for event in events:  # each checked: what came before a match goes out
+                    if screen.take(event) and screen.cut():
+                        out = b"".join(sent + b"\n\n" for sent in passed)
+                        await send({"type": "http.response.body", "body": out + screen.closing()})
+                        return  # (the upstream's connection is closed unread)
+                    passed.append(event)
+                events = passed
+                if ending:
+                    break
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"".join(event + b"\n\n" for event in events),
+                        "more_body": True,
+                    }
+                )
+            else:
+                rest = relay.tail()
+                events = []
+                if rest.startswith(DONE):  # [DONE] without its blank line
+                    ending = DONE + b"\n\n"
+                elif rest:
+                    if screen.take(rest) and screen.cut():
+                        await send({"type": "http.response.body", "body": screen.closing()})
+                        return
+                    events.append(rest)
+                if not relay.done:
+                    call.error = "upstream_incomplete"
+        except Exception as exc:  # the stream broke after the status was sent
+            call.error = translate(exc, base_url).error
+            events = []
+        if call.client_disconnected:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        out = b"".join(event + b"\n\n" for event in events)
+        if await screen.finish():
+            await send({"type": "http.response.body", "body": out + screen.closing()})
+        else:
+            await send({"type": "http.response.body", "body": out + ending})

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -45,6 +46,9 @@ from monitoring import metrics
 from monitoring.records import UsageRecord
 from monitoring.usage import UsageRecorder, clean_text
 
+if TYPE_CHECKING:
+    from rollout.plan_schema import TierLimits
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -63,29 +67,35 @@ ERROR_TYPES = {
 JSON = (b"content-type", b"application/json")
 
 
-def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
-    """OpenAI's error shape; the official client reads message, type and code."""
-    return orjson.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": ERROR_TYPES.get(status, "api_error"),
-                "param": param,
-                "code": code,
-            }
-        }
-    )
+def error_body(
+    status: int, code: str, message: str, param: str | None = None, category: str | None = None
+) -> bytes:
+    """OpenAI's error shape; the official client reads message, type and code. A
+    screening refusal also names its ``category``."""
+    error = {
+        "message": message,
+        "type": ERROR_TYPES.get(status, "api_error"),
+        "param": param,
+        "code": code,
+    }
+    if category is not None:
+        error["category"] = category
+    return orjson.dumps({"error": error})
 
 
 class HTTPError(Exception):
-    """A refusal answered before a decision could be made (bad body, 503, ...)."""
+    """A refusal the route answers itself rather than from a decision: a bad body, a
+    store that cannot be reached (503), screening's ``content_blocked``, ..."""
 
-    def __init__(self, status: int, code: str, message: str, headers=()) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers=(), category: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = list(headers)
+        self.category = category  # the screening category that blocked the request
 
 
 # Request ids: unique per process start and worker, without a syscall per request.
@@ -104,6 +114,7 @@ class Call:
         "endpoint",
         "error",
         "flagged",
+        "flags",
         "key",
         "max_tokens",
         "model",
@@ -112,6 +123,7 @@ class Call:
         "release",
         "request_id",
         "reservation",
+        "routed_to",
         "started",
         "status",
         "streamed",
@@ -136,7 +148,9 @@ class Call:
         self.error = ""
         self.streamed = False  # the client asked for a stream
         self.client_disconnected = False
-        self.flagged = False
+        self.flagged = False  # the upstream's content filter fired
+        self.flags: tuple[str, ...] = ()  # screening's categories, sorted and unique
+        self.routed_to = ""  # the release a screening rule routed the call to
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.usage_reported = False  # the upstream said how many tokens it used
@@ -245,13 +259,21 @@ def decide_for(
 
 
 async def take_limit(
-    limiter: LocalLimiter | RedisLimiter, call: Call, release: ReleaseEntry, tokens: int
+    limiter: LocalLimiter | RedisLimiter,
+    call: Call,
+    release: ReleaseEntry,
+    tokens: int,
+    limits: TierLimits | None = None,
 ) -> LimitResult:
-    """Count the call against its organization's limits on ``release``, reserving
-    ``tokens``; a 503 if the limits cannot be reached (never admit without them)."""
+    """Count the call against its organization's ``limits`` on ``release`` (the
+    decision's unless given: a routed call's are its fallback's), reserving ``tokens``;
+    a 503 if the limits cannot be reached (never admit without them)."""
     try:
         return await limiter.acquire(
-            f"{release.name}:{call.org.public_id}", call.decision.limits, tokens, time.time()
+            f"{release.name}:{call.org.public_id}",
+            limits or call.decision.limits,
+            tokens,
+            time.time(),
         )
     except LimiterUnavailable as exc:
         metrics.UNAVAILABLE.labels("limits").inc()
@@ -264,19 +286,24 @@ async def take_limit(
         ) from None
 
 
-def over_limit(call: Call, limited: LimitResult) -> Decision:
-    """The refusal for a request a limit stopped, naming the limit (and counted)."""
+def over_limit(
+    call: Call, limited: LimitResult, served: tuple[str, Decision] | None = None
+) -> Decision:
+    """The refusal for a request a limit stopped, naming the limit (and counted).
+    ``served`` is the release and decision a routed call's limits came from: the
+    message names them, the refusal keeps the call's own tier and stage."""
     decision = call.decision
+    model, limiting = served or (call.model, decision)
     name = limited.limit_name
-    metrics.RATE_LIMITED.labels(call.model, decision.tier, name).inc()
+    metrics.RATE_LIMITED.labels(model, limiting.tier, name).inc()
     return Decision(
         Reason(limited.reason),
-        f"{name} limit of {getattr(decision.limits, name)} reached for your organization"
-        f" on '{call.model}' (tier {decision.tier}, stage '{decision.stage}');"
+        f"{name} limit of {getattr(limiting.limits, name)} reached for your organization"
+        f" on '{model}' (tier {limiting.tier}, stage '{limiting.stage}');"
         f" retry after {limited.retry_after} s.",
         tier=decision.tier,
         stage=decision.stage,
-        limits=decision.limits,
+        limits=limiting.limits,
     )
 
 
@@ -330,6 +357,8 @@ def record_usage(recorder: UsageRecorder, call: Call) -> None:
             max_tokens=call.max_tokens,
             claimed_tier=org.tier if org else "",
             verifications=org.verifications if org else (),
+            flags=",".join(call.flags),
+            routed_to=call.routed_to,
         )
     )
     child = metrics.child
