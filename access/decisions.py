@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from access.tiers import effective_tier
 from rollout.plan_schema import StagePolicy, TierLimits
+
+if TYPE_CHECKING:
+    from access.screening import Screen
 
 
 class Reason(StrEnum):
@@ -103,6 +107,7 @@ class ReleaseEntry:
     upstream_model: str
     plan_version: int
     created: int  # POSIX seconds, for /v1/models
+    screen: Screen | None = None  # the stage's screening compiled (access.screening)
 
     @property
     def stage_name(self) -> str:

@@ -15,6 +15,10 @@ never wait for the database. Everything is loaded again every
 ``full_reload_interval`` seconds, and whenever the audit rows name a kind of change
 the store does not know, as a safety net.
 
+Each release's entry carries its current stage's policy and compiled screening
+(``access.screening.Screen``), validated and compiled once per plan content and stage
+(``stage_policy``) and reused by every reload while the plan is unchanged.
+
 Fail closed: when the marker cannot be read for ``max_staleness`` seconds, the
 snapshot is no longer trusted and ``current()`` returns None (the proxy answers
 503) until the database answers again.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,9 +37,11 @@ from django.db import close_old_connections, connection
 
 from access.decisions import KeyEntry, OrgEntry, ReleaseEntry
 from access.models import ApiKey, Organization, Verification, VerificationStatus
+from access.screening import Screen, compile_screen
 from monitoring.audit import ObjectType
 from monitoring.models import AuditEvent
-from rollout.models import Release, ReleaseState
+from rollout.models import Release, ReleaseState, RolloutPlan
+from rollout.plan_schema import StagePolicy
 from rollout.plans import plan_doc
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,34 @@ def _load_keys(**filters) -> dict[str, KeyEntry]:
     }
 
 
+# Stages validated and their screening compiled, by the plan's digest (its canonical
+# content) and the stage's name: a reload finds them here unless the plan changed, so a
+# stage with a thousand rules is validated and compiled once, not at every reload (each
+# takes tens of ms, with the GIL). Least recently used first out.
+_STAGES: OrderedDict[tuple[str, str], tuple[StagePolicy | None, Screen | None]] = OrderedDict()
+_STAGES_LOCK = threading.Lock()
+MAX_CACHED_STAGES = 256
+
+
+def stage_policy(plan: RolloutPlan, name: str) -> tuple[StagePolicy | None, Screen | None]:
+    """Stage ``name`` of ``plan`` (None when the plan has none) and its compiled screen
+    (None when it screens nothing), validated and compiled once per plan content."""
+    key = (plan.digest, name)
+    with _STAGES_LOCK:
+        found = _STAGES.get(key)
+        if found is not None:
+            _STAGES.move_to_end(key)
+            return found
+    policy = plan_doc(plan).stage(name)
+    found = (policy, None if policy is None else compile_screen(policy.screening))
+    if plan.digest:
+        with _STAGES_LOCK:
+            _STAGES[key] = found
+            while len(_STAGES) > MAX_CACHED_STAGES:
+                _STAGES.popitem(last=False)
+    return found
+
+
 def release_entry(
     release: Release, *, stage: str | None = None, state: str | None = None
 ) -> ReleaseEntry | None:
@@ -113,7 +148,7 @@ def release_entry(
         return None
     plan = release.active_plan
     name = stage or release.current_stage
-    policy = None if plan is None else plan_doc(plan).stage(name)
+    policy, screen = (None, None) if plan is None else stage_policy(plan, name)
     if policy is None:
         return None
     return ReleaseEntry(
@@ -125,6 +160,7 @@ def release_entry(
         upstream_model=release.upstream_model,
         plan_version=plan.version,
         created=int(release.created_at.timestamp()),
+        screen=screen,
     )
 
 

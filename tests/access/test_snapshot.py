@@ -9,16 +9,19 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+import yaml
 from django.utils import timezone
 
 import access.snapshot
 from access.decisions import KeyEntry, OrgEntry, ReleaseEntry
 from access.keys import digest, issue_key, revoke_key
 from access.models import Organization, VerificationStatus
-from access.snapshot import SnapshotStore, load_snapshot, read_marker
+from access.screening import ALLOW, Verdict
+from access.snapshot import SnapshotStore, load_snapshot, read_marker, stage_policy
 from monitoring.models import AuditEvent
 from rollout.models import Release, ReleaseState
 from rollout.plan_schema import parse_plan
+from rollout.plans import apply_plan
 from tests.factories import EXAMPLE_PLAN, make_verification
 
 pytestmark = pytest.mark.django_db
@@ -121,6 +124,8 @@ def test_load_snapshot_holds_orgs_with_only_valid_verifications(northwind, acme,
 
 
 def test_load_snapshot_holds_release_at_its_current_stage(release):
+    _, screen = stage_policy(release.active_plan, "research_preview")
+
     assert load_snapshot().releases == {
         "atlas-2": ReleaseEntry(
             name="atlas-2",
@@ -131,6 +136,7 @@ def test_load_snapshot_holds_release_at_its_current_stage(release):
             upstream_model="atlas-2-2026-11",
             plan_version=1,
             created=int(release.created_at.timestamp()),
+            screen=screen,
         )
     }
 
@@ -156,6 +162,55 @@ def test_load_snapshot_leaves_out_release_whose_stage_is_not_in_its_plan(release
     # Not served rather than served under a guessed policy.
     Release.objects.filter(pk=release.pk).update(current_stage="no_such_stage")
     assert load_snapshot().releases == {}
+
+
+def _apply_screening(actor, screening: dict | None, *, max_tokens: int = 4096) -> None:
+    """Apply the example plan with ``screening`` on its first stage (None: none)."""
+    document = yaml.safe_load(EXAMPLE_PLAN.read_text())
+    stage = document["stages"][0]
+    stage.pop("screening", None)
+    if screening is not None:
+        stage["screening"] = screening
+    stage["tiers"]["research_partner"]["limits"]["max_tokens"] = max_tokens
+    apply_plan(yaml.safe_dump(document), actor=actor)
+
+
+SARIN = {"rules": [{"category": "weapons", "action": "block", "keywords": ["sarin"]}]}
+
+
+def test_load_snapshot_compiles_the_stages_screening(release, ada):
+    _apply_screening(ada, {**SARIN, "responses": "buffer", "retain_flagged": {"days": 7}})
+
+    screen = load_snapshot().releases["atlas-2"].screen
+
+    assert screen is not None
+    assert screen.check("What is SARIN?") == Verdict("block", ("weapons",), "weapons", None)
+    assert (screen.responses, screen.retain_days) == ("buffer", 7)
+
+
+def test_load_snapshot_stage_without_screening_has_no_screen(release, ada):
+    _apply_screening(ada, None)
+
+    assert load_snapshot().releases["atlas-2"].screen is None
+
+
+def test_reloads_reuse_the_compiled_screen_until_the_plan_changes(release, ada):
+    _apply_screening(ada, SARIN)
+    first = load_snapshot().releases["atlas-2"].screen
+
+    again = load_snapshot().releases["atlas-2"].screen
+    _apply_screening(ada, SARIN, max_tokens=2048)  # a new version, the same screening
+    limits_changed = load_snapshot().releases["atlas-2"]
+    _apply_screening(
+        ada, {"rules": [{"category": "cyber", "action": "flag", "keywords": ["rootkit"]}]}
+    )
+    screening_changed = load_snapshot().releases["atlas-2"].screen
+
+    assert again is first
+    assert limits_changed.stage.tiers["research_partner"].limits.max_tokens == 2048
+    assert limits_changed.screen.check("sarin") == first.check("sarin")
+    assert screening_changed.check("sarin") == ALLOW
+    assert screening_changed.check("a rootkit").categories == ("cyber",)
 
 
 def test_load_snapshot_marker_is_the_audit_chain_tail(release):
