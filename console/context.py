@@ -17,6 +17,7 @@ NAV = (
     ("keys", "Keys", "all"),
     ("access", "Access", "staff"),
     ("incidents", "Incidents", "staff"),
+    ("flags", "Flags", "staff"),
     ("usage", "Usage", "staff"),
     ("audit", "Audit", "staff"),
 )

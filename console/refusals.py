@@ -50,6 +50,12 @@ SENTENCES: dict[str, str] = {
     # requesting a review (rollout.reviews)
     "no_plan": "The release has no rollout plan to review it against.",
     "stage_not_in_plan": "The release's stage is not in its plan; apply a plan that has it.",
+    # deciding a flagged sample (monitoring.flags.decide_sample)
+    "sample_decided": (
+        "This sample was already decided, by another reviewer or in another tab; a decision"
+        " cannot change."
+    ),
+    "sample_not_found": "This sample is gone: it expired, or it never existed.",
 }
 
 # Why a review is stale, as the queue says it ("stale: the plan changed; ...").

@@ -16,11 +16,13 @@ from datetime import datetime, timedelta
 from django.utils.safestring import SafeString
 
 from console.charts import Series, Threshold, bar_chart, line_chart, nice_ceiling
+from monitoring.flags import SampleCounts
 from monitoring.rollups import window_totals
 from monitoring.series import (
     DAY,
     HOUR,
     Bucket,
+    flags_per_bucket,
     refusals_by_reason,
     regroup,
     totals_per_bucket,
@@ -39,13 +41,18 @@ DEFAULT_RANGE = "7d"
 RANGE_CHOICES = (STINT, *RANGES)
 MAX_STINT_SPAN = timedelta(days=90)  # a stint's charts read at most this much history
 
-_METRIC_NOUNS = {"error_rate": ("error", "errors"), "flag_rate": ("flagged", "flagged")}
+_METRIC_NOUNS = {
+    "error_rate": ("error", "errors"),
+    "flag_rate": ("flagged", "flagged"),
+    "confirmed_flag_rate": ("confirmed", "confirmed"),
+}
 _LABELS = {
     "min_days_in_stage": "days in stage",
     "min_requests": "admitted requests",
     "min_distinct_orgs": "distinct organizations",
     "max_flag_rate": "flag rate",
     "max_error_rate": "error rate",
+    "max_confirmed_flag_rate": "confirmed flag rate",
     "no_open_incident": "no open incident",
     "approvals": "approvals",
 }
@@ -103,7 +110,22 @@ class CriterionRow:
 def _label(name: str) -> str:
     if name.startswith("min_distinct_orgs:"):
         return f"distinct {name.split(':', 1)[1]} organizations"
+    if name.startswith("max_flag_rate:"):
+        return f"{name.split(':', 1)[1]} flag rate"
     return _LABELS.get(name, name)
+
+
+def _rate_events(name: str, totals, samples: SampleCounts) -> tuple[int, int, str]:
+    """What a rate criterion counts: (events, trials, metric) from the evaluation."""
+    if name == "max_error_rate":
+        return totals.errors, totals.allowed, "error_rate"
+    if name == "max_flag_rate":
+        return totals.flagged, totals.allowed, "flag_rate"
+    if name == "max_confirmed_flag_rate":
+        confirmed = samples.confirmed_requests
+        return confirmed, max(totals.allowed, confirmed), "confirmed_flag_rate"
+    category = name.split(":", 1)[1]
+    return totals.flagged_by_category.get(category, 0), totals.allowed, "flag_rate"
 
 
 def _number(value: float | int | None) -> str:
@@ -118,26 +140,24 @@ def criterion_rows(evaluation: Evaluation, *, approvals: int | None) -> list[Cri
     """The stage's exit criteria as rows, with the rate bounds in words and progress
     bars for the minimums. ``approvals``: counted approvals of the standing review, if
     any (the evaluation itself never counts them)."""
-    totals = evaluation.totals
     rows = []
     for result in evaluation.criteria:
-        rows.append(_criterion_row(result, totals, approvals))
+        rows.append(_criterion_row(result, evaluation, approvals))
     return rows
 
 
-def _criterion_row(result: CriterionResult, totals, approvals: int | None) -> CriterionRow:
+def _criterion_row(
+    result: CriterionResult, evaluation: Evaluation, approvals: int | None
+) -> CriterionRow:
     name, observed, threshold = result.name, result.observed, result.threshold
     words, progress, goal, to_go = "", None, None, ""
     explanation = result.explanation
     passed = result.passed
-    if name in ("max_error_rate", "max_flag_rate"):
+    if name.startswith("max_"):  # every max_ criterion is a rate
         shown, limit = (percent(observed) if observed is not None else "—"), percent(threshold)
         if observed is not None:
-            metric = name.removeprefix("max_")
-            events = totals.errors if metric == "error_rate" else totals.flagged
-            words = rate_in_words(
-                events=events, trials=totals.allowed, maximum=threshold, metric=metric
-            )
+            events, trials, metric = _rate_events(name, evaluation.totals, evaluation.samples)
+            words = rate_in_words(events=events, trials=trials, maximum=threshold, metric=metric)
         return CriterionRow(
             name,
             _label(name),
@@ -409,14 +429,36 @@ def tripwire_tiles(
                 summary += f" (it counts from {start:%Y-%m-%d %H:%M} UTC, when it was armed)"
         else:
             state, summary = ARMED, result.explanation
-        events_of = (
-            (lambda b: b.errors) if tripwire.metric == "error_rate" else (lambda b: b.flagged)
-        )
+        label = _LABELS["max_" + tripwire.metric]
+        if tripwire.category is not None:  # that category's flags, from its own rollup
+            label = f"{tripwire.category} {label}"
+            flags = flags_per_bucket(
+                release=release.name,
+                stage=stage.name,
+                category=tripwire.category,
+                since=span.since,
+                until=span.until,
+                step=span.step,
+            )
+
+            def events_of(bucket, flags=flags):
+                return flags.get(bucket.start, 0)
+
+        elif tripwire.metric == "error_rate":
+
+            def events_of(bucket):
+                return bucket.errors
+
+        else:
+
+            def events_of(bucket):
+                return bucket.flagged
+
         points = [(b.start, events_of(b) / b.allowed) for b in stage_buckets if b.allowed]
         peak = max([rate for _, rate in points] + [tripwire.threshold * 1.5])
         chart = line_chart(
-            title=f"{tripwire.name}: {_LABELS['max_' + tripwire.metric]}, {span.label}",
-            series=[Series(f"{_LABELS['max_' + tripwire.metric]} per bucket", points)],
+            title=f"{tripwire.name}: {label}, {span.label}",
+            series=[Series(f"{label} per bucket", points)],
             y_unit="%",
             threshold=Threshold(tripwire.threshold, f"{tripwire.name} threshold"),
             y_max=nice_ceiling(min(1.0, peak * 1.1)),
@@ -426,6 +468,53 @@ def tripwire_tiles(
         )
         tiles.append(TripwireTile(tripwire, result, state, sample, summary, chart))
     return tiles
+
+
+# --- screening -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CategoryRow:
+    category: str
+    flagged: int  # admitted requests flagged (or routed) in the category
+    denied: int  # refused requests carrying it (blocked)
+    rate: str  # flagged over admitted requests, in words ("0.25%"), "—" without traffic
+    maximum: str  # the stage's max_flag_rate_by_category for it, or ""
+
+
+@dataclass(frozen=True)
+class ScreeningSummary:
+    categories: list[CategoryRow]
+    samples: SampleCounts
+    retain_days: int | None  # None: the stage keeps no samples
+
+
+def screening_summary(evaluation: Evaluation) -> ScreeningSummary | None:
+    """The current stage's flags by category (every category the stage screens for,
+    and any other that flagged or blocked a request) and its kept samples by status;
+    None when the stage does not screen and nothing was flagged in it."""
+    stage, totals, samples = evaluation.stage, evaluation.totals, evaluation.samples
+    screening = stage.screening
+    limits = stage.exit_criteria.max_flag_rate_by_category if stage.exit_criteria else {}
+    names = {*totals.flagged_by_category, *totals.denied_by_category, *limits}
+    if screening is not None:
+        names |= set(screening.categories)
+    if screening is None and not names and samples == SampleCounts():
+        return None
+    rows = []
+    for name in sorted(names):
+        flagged = totals.flagged_by_category.get(name, 0)
+        rows.append(
+            CategoryRow(
+                name,
+                flagged,
+                totals.denied_by_category.get(name, 0),
+                percent(flagged / totals.allowed) if totals.allowed else "—",
+                percent(limits[name]) if name in limits else "",
+            )
+        )
+    retain = screening.retain_flagged if screening is not None else None
+    return ScreeningSummary(rows, samples, retain.days if retain is not None else None)
 
 
 # --- plan versions ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from console.views import (
     audit,
     auth,
     board,
+    flags,
     incidents,
     orgs,
     release,
@@ -46,6 +47,9 @@ urlpatterns = [
     path(
         "incidents/<slug:public_id>/resolve/", incidents.incident_resolve, name="incident_resolve"
     ),
+    # the flag review queue (console/views/flags.py)
+    path("flags/", flags.flags, name="flags"),
+    path("flags/<int:pk>/decide/", flags.flag_decide, name="flag_decide"),
     path("audit/", audit.audit, name="audit"),
     path("audit/export.csv", audit.audit_csv, name="audit_csv"),
     path("audit/export.jsonl", audit.audit_jsonl, name="audit_jsonl"),

@@ -6,6 +6,8 @@ number of tiers and reasons, not with the traffic or the number of organizations
 The current hour's row is partial (the rollup rewrites it every minute); callers show
 it as it is. ``regroup`` sums over reasons; ``refusals_by_reason`` splits the refused
 requests of the same rows by reason, so a page gets both from the one query.
+``flags_per_bucket`` reads one screening category's admitted flags the same way, from
+``UsageFlagRollup``'s hour rows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.db.models import Sum
 
-from monitoring.models import UsageRollup
+from monitoring.models import UsageFlagRollup, UsageRollup
 from monitoring.rollups import COUNTERS
 
 HOUR = timedelta(hours=1)
@@ -130,4 +132,35 @@ def refusals_by_reason(
     for bucket in buckets:
         if bucket.denied and (stage is None or bucket.stage == stage):
             merged.setdefault(_floor(bucket.start, step), Counter())[bucket.reason] += bucket.denied
+    return dict(sorted(merged.items()))
+
+
+def flags_per_bucket(
+    *, release: str, stage: str, category: str, since: datetime, until: datetime, step=HOUR
+) -> dict[datetime, int]:
+    """Admitted requests of ``release`` in ``stage`` flagged in ``category``, per
+    ``step``-long bucket (as ``regroup``) starting in [since, until): {start: flagged},
+    oldest first, only buckets with a flag. One query over the hour rows."""
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("flags_per_bucket needs timezone-aware datetimes")
+    if step < HOUR or step % HOUR:
+        raise ValueError("step must be a whole number of hours")
+    rows = (
+        UsageFlagRollup.objects.filter(
+            release=release,
+            stage=stage,
+            category=category,
+            bucket_seconds=UsageRollup.HOUR,
+            bucket_start__gte=_floor(since, HOUR),
+            bucket_start__lt=until,
+        )
+        .order_by()
+        .values_list("bucket_start")
+        .annotate(n=Sum("flagged"))
+    )
+    merged: dict[datetime, int] = {}
+    for start, flagged in rows:
+        if flagged:
+            bucket = _floor(start, step)
+            merged[bucket] = merged.get(bucket, 0) + int(flagged)
     return dict(sorted(merged.items()))

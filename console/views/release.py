@@ -43,6 +43,7 @@ def release(request, name: str):
                 evaluation, approvals=releases.standing_approvals(found)
             ),
             "tiles": releases.tripwire_tiles(found, evaluation, span, usage),
+            "screening": releases.screening_summary(evaluation),
             "charts": releases.release_charts(evaluation.stage, span, usage),
             "span": span,
             "ranges": releases.RANGE_CHOICES,
