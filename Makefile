@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/proxy.py --upstream nginx
 	$(BIN)/python bench/modes.py --scaling  # production vs embedded, 1 vs 2 workers (~30 min)
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/screening.py --live  # prompt screening: 0, 50 and 1,000 rules
 	$(BIN)/python bench/deadlines.py
 	$(BIN)/python bench/usage_record.py
 	$(BIN)/python bench/reviews.py
