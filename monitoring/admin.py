@@ -1,7 +1,14 @@
 from django.contrib import admin
 
 from monitoring.admin_base import ReadOnlyAdmin
-from monitoring.models import AuditEvent, RollupCursor, UsageEvent, UsageRollup
+from monitoring.models import (
+    AuditEvent,
+    FlaggedSample,
+    RollupCursor,
+    UsageEvent,
+    UsageFlagRollup,
+    UsageRollup,
+)
 
 
 @admin.register(AuditEvent)
@@ -46,6 +53,40 @@ class UsageRollupAdmin(ReadOnlyAdmin):
     list_filter = ("bucket_seconds", "release", "stage", "tier", "reason")
     search_fields = ("org", "key")
     readonly_fields = [f.name for f in UsageRollup._meta.fields]
+
+
+@admin.register(UsageFlagRollup)
+class UsageFlagRollupAdmin(ReadOnlyAdmin):
+    """Screening's flags per category, minute and hour, rebuilt by the rollup task."""
+
+    list_display = (
+        "bucket_start",
+        "bucket_seconds",
+        "release",
+        "stage",
+        "tier",
+        "org",
+        "reason",
+        "key",
+        "category",
+        "flagged",
+        "denied",
+    )
+    list_filter = ("bucket_seconds", "release", "stage", "category")
+    search_fields = ("org", "key", "category")
+    readonly_fields = [f.name for f in UsageFlagRollup._meta.fields]
+
+
+@admin.register(FlaggedSample)
+class FlaggedSampleAdmin(ReadOnlyAdmin):
+    """Kept for human review, decided in the console's flag queue (audited there), and
+    deleted when they expire: nobody edits them here."""
+
+    list_display = ("created_at", "release", "stage", "org", "categories", "action", "status")
+    list_filter = ("release", "stage", "status", "action", "source")
+    search_fields = ("request_id", "org", "key", "categories")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in FlaggedSample._meta.fields]
 
 
 @admin.register(RollupCursor)
