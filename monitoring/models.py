@@ -119,7 +119,36 @@ class UsageEvent(models.Model):
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.release} {self.reason} {self.status}"
 
 
-class UsageRollup(models.Model):
+class RollupBucket(models.Model):
+    """What a rollup row is keyed by: one minute or one hour of one (release, stage,
+    tier, org, reason, key). ``UsageRollup`` and ``UsageFlagRollup`` share it, so the
+    flag rollup is read with the same bucket filters (``monitoring.rollups.covering``)."""
+
+    MINUTE = 60
+    HOUR = 3600
+    BUCKETS = [(MINUTE, "minute"), (HOUR, "hour")]
+
+    bucket_seconds = models.PositiveIntegerField(choices=BUCKETS)
+    bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
+    release = models.CharField(max_length=63, blank=True)
+    stage = models.CharField(max_length=40, blank=True)
+    tier = models.CharField(max_length=32, blank=True)
+    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
+    reason = models.CharField(
+        max_length=32, blank=True, default="", help_text="Decision reason code, ok if allowed."
+    )
+    key = models.CharField(
+        max_length=24,
+        blank=True,
+        default="",
+        help_text="API key public id, blank without a valid key.",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class UsageRollup(RollupBucket):
     """Usage events of one (release, stage, tier, org, reason, key) summed over one
     minute or one hour.
 
@@ -146,25 +175,6 @@ class UsageRollup(models.Model):
     bucket) until a rollup of their range replaces them.
     """
 
-    MINUTE = 60
-    HOUR = 3600
-    BUCKETS = [(MINUTE, "minute"), (HOUR, "hour")]
-
-    bucket_seconds = models.PositiveIntegerField(choices=BUCKETS)
-    bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
-    release = models.CharField(max_length=63, blank=True)
-    stage = models.CharField(max_length=40, blank=True)
-    tier = models.CharField(max_length=32, blank=True)
-    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
-    reason = models.CharField(
-        max_length=32, blank=True, default="", help_text="Decision reason code, ok if allowed."
-    )
-    key = models.CharField(
-        max_length=24,
-        blank=True,
-        default="",
-        help_text="API key public id, blank without a valid key.",
-    )
     requests = models.PositiveBigIntegerField(default=0)
     allowed = models.PositiveBigIntegerField(default=0)
     denied = models.PositiveBigIntegerField(default=0)
@@ -208,7 +218,7 @@ class UsageRollup(models.Model):
         )
 
 
-class UsageFlagRollup(models.Model):
+class UsageFlagRollup(RollupBucket):
     """Screening's flags per category: the usage events of one (release, stage, tier,
     org, reason, key) carrying ``category`` among their ``flags``, counted over one
     minute or one hour, keyed like ``UsageRollup`` plus the category.
@@ -225,14 +235,6 @@ class UsageFlagRollup(models.Model):
     with a flag have rows.
     """
 
-    bucket_seconds = models.PositiveIntegerField(choices=UsageRollup.BUCKETS)
-    bucket_start = models.DateTimeField(help_text="UTC start of the bucket.")
-    release = models.CharField(max_length=63, blank=True)
-    stage = models.CharField(max_length=40, blank=True)
-    tier = models.CharField(max_length=32, blank=True)
-    org = models.CharField(max_length=24, blank=True, help_text="Organization public id.")
-    reason = models.CharField(max_length=32, blank=True, help_text="ok if allowed.")
-    key = models.CharField(max_length=24, blank=True, help_text="API key public id.")
     category = models.CharField(max_length=64, help_text="A screening category.")
     flagged = models.PositiveBigIntegerField(default=0, help_text="Allowed events.")
     denied = models.PositiveBigIntegerField(default=0, help_text="Refused events.")
