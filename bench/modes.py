@@ -35,6 +35,8 @@ How to read the output
   2w/1w req/s    two workers on two cores against one worker on one core (goal >= 1.8)
   capacity       2 x (us/req, one worker) / (us/req, two workers): what two workers
                  with a core each would serve against one, from CPU per request alone
+                 (the ratio of req/s per busy core, so the share of the cores each
+                 configuration got on a shared machine drops out)
 
 Usage: python bench/modes.py [--rounds 3] [--concurrency 1,16] [--duration 10]
                              [--scaling [--scaling-concurrency 16,64]]
@@ -295,11 +297,13 @@ def print_scaling(results: Results) -> None:
             f"{packed_us[0]:>8.2f} ({packed_us[1]:.2f}-{packed_us[2]:.2f})"
         )
     print(
-        "  2w/1w req/s is limited by the machine: the second worker's core also runs wrk,"
-        " nginx and Redis (and other engineers' processes), so it is a floor. capacity is"
-        " limited by what CPU per request leaves out: it assumes each worker a core of its"
-        " own and no shared bottleneck beyond what us/req includes (Redis, PostgreSQL and"
-        " the kernel's loopback run outside the proxy's processes). goal (c): >= 1.8."
+        "  2w/1w req/s is limited by how much CPU each configuration got (cores busy): the"
+        " second worker's core also runs wrk, nginx and Redis, which holds two workers back,"
+        " and other processes on a shared machine take from either. capacity is req/s per"
+        " busy core, so it leaves out how busy the cores were; it is limited by what CPU"
+        " per request leaves out: it assumes each worker a core of its own and no shared"
+        " bottleneck beyond what us/req includes (Redis, PostgreSQL and the kernel's loopback"
+        " run outside the proxy's processes). goal (c): >= 1.8."
     )
     print(
         "  2w on 1 core: two workers sharing one core, against one worker on it: what a"
