@@ -1,12 +1,14 @@
 """Model calls: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``.
 
 One call: find the key (``authenticate``: a stranger is refused before its body is
-read), validate the body, decide (``decide_for``), reserve the rate limits and the
-token estimate (``take_limit``), forward the body with the model name swapped and
-relay the answer (``access.upstream``), then settle the reservation to the tokens
-really used. ``model_call`` is the one place a call ends, however it ends: answered,
-refused, failed upstream or failed here, its reservation is settled and its usage
-event recorded with the status the client got.
+read), validate the body, decide (``decide_for``), screen the prompt when the stage
+screens (``access.proxy.screening``: block, flag, or route to a fallback release that
+then serves the call under its own limits), reserve the rate limits and the token
+estimate (``take_limit``), forward the body with the model name swapped and relay the
+answer (``access.upstream``; screened too when the stage screens answers), then settle
+the reservation to the tokens really used. ``model_call`` is the one place a call ends,
+however it ends: answered, refused, failed upstream or failed here, its reservation is
+settled and its usage event recorded with the status the client got.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from access.proxy.common import (
     respond,
     take_limit,
 )
+from access.proxy.screening import AnswerScreen, add_flags, keep_sample, screen_prompt
 from access.upstream import UpstreamFailure
 from monitoring import metrics
 
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 # How deep a request body may nest: orjson writes at most 254 levels (objects and arrays
 # together), and the proxy rewrites every body it forwards.
 MAX_DEPTH = 254
+# Refusals of an answer the upstream gave and screening held back: its tokens were used.
+ANSWER_REFUSALS = frozenset({"content_blocked", "screening_unavailable"})
 
 
 async def model_call(proxy: Proxy, scope, receive, send, endpoint: str, suffix: str) -> None:
@@ -56,7 +61,7 @@ async def model_call(proxy: Proxy, scope, receive, send, endpoint: str, suffix: 
         await respond(
             send,
             exc.status,
-            error_body(exc.status, exc.code, exc.message),
+            error_body(exc.status, exc.code, exc.message, category=exc.category),
             [(b"x-request-id", call.request_id.encode()), *exc.headers],
         )
     except Exception:
@@ -79,8 +84,9 @@ async def model_call(proxy: Proxy, scope, receive, send, endpoint: str, suffix: 
 
 
 async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) -> None:
-    """Validate, decide, reserve, forward and relay; raises HTTPError for a refusal
-    answered before a decision, and answers every other refusal itself."""
+    """Validate, decide, screen, reserve, forward and relay; raises HTTPError for a
+    refusal answered before a decision and for screening's, and answers every other
+    refusal itself."""
     found = await authenticate(proxy.store, scope, send, call)
     if found is None:  # refused before reading the body: a stranger costs nothing
         return
@@ -113,23 +119,26 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
         raise HTTPError(400, "invalid_request", "n must be an integer from 1 to 128.")
 
     # Decide.
-    release, decision = decide_for(
-        snapshot,
-        key,
-        call.org,
-        model,
-        RequestInfo(call.endpoint, stream=stream, max_tokens=max_tokens),
-        now,
-    )
+    request = RequestInfo(call.endpoint, stream=stream, max_tokens=max_tokens)
+    release, decision = decide_for(snapshot, key, call.org, model, request, now)
     call.release, call.decision = release, decision
     if not decision.allowed:
         await refuse(send, call, decision)
         return
     _touch(proxy, key)
 
+    # Screen the prompt: a block or a classifier failure the stage refuses raises; a
+    # route returns the fallback release, which serves the call under its own limits.
+    serving, served = release, decision
+    screen = release.screen
+    if screen is not None:
+        routed = await screen_prompt(proxy, call, screen, snapshot, key, document, request, now)
+        if routed is not None:
+            serving, served = routed
+
     # Reserve the prompt estimate (about 4 bytes a token) plus the completion cap, for
     # each of the n choices asked for.
-    limits = decision.limits
+    limits = served.limits
     completion_cap = (
         0 if call.endpoint == "embeddings" else (max_tokens or limits.max_tokens) * choices
     )
@@ -154,7 +163,7 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
     # ask for usage, and completions get the tier's cap when they name none. The body
     # is written before anything is reserved, so one the proxy cannot re-encode (JSON
     # nested deeper than orjson writes) is refused and holds nothing.
-    document["model"] = release.upstream_model
+    document["model"] = serving.upstream_model
     hide_usage = False
     if stream:
         options = document.get("stream_options")
@@ -175,9 +184,10 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
             f"The request body nests deeper than the {MAX_DEPTH} levels Stagegate forwards.",
         ) from None
 
-    limited = await take_limit(proxy.limiter, call, release, reserve)
+    limited = await take_limit(proxy.limiter, call, serving, reserve, limits)
     if not limited.allowed:
-        await refuse(send, call, over_limit(call, limited), limited.headers())
+        routed_limits = (serving.name, served) if serving is not release else None
+        await refuse(send, call, over_limit(call, limited, routed_limits), limited.headers())
         return
     call.reservation = limited.reservation
     headers = [
@@ -186,21 +196,29 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
         (b"x-stagegate-stage", decision.stage.encode()),
         *limited.headers(),
     ]
+    if call.routed_to:
+        headers.append((b"x-stagegate-routed-to", call.routed_to.encode()))
+    elif call.flags:
+        headers.append((b"x-stagegate-screening", b"flag"))
+    answer = None
+    if screen is not None and screen.responses != "off" and call.endpoint != "embeddings":
+        answer = AnswerScreen(proxy.upstream, call, screen)
 
     # Relay the answer; what the upstream reports is what the call used.
     upstream = proxy.upstream
-    base_url = release.upstream_base_url
+    base_url = serving.upstream_base_url
     try:
         if stream:
             usage = await upstream.relay_stream(
-                receive, send, call, base_url, suffix, forwarded, headers, hide_usage
+                receive, send, call, base_url, suffix, forwarded, headers, hide_usage, answer
             )
             if call.client_disconnected:
                 metrics.CLIENT_DISCONNECTS.labels(release.name).inc()
-            if call.status == 200 and not usage.reported:  # cut: estimate the prompt
+            # Cut (or held back by screening): estimate the prompt.
+            if call.status in (0, 200) and not usage.reported:
                 usage.prompt_tokens = len(body) // 4
         else:
-            usage = await upstream.relay(send, call, base_url, suffix, forwarded, headers)
+            usage = await upstream.relay(send, call, base_url, suffix, forwarded, headers, answer)
     except UpstreamFailure as failure:  # nothing was sent: answered as an HTTPError
         call.error = failure.error
         raise HTTPError(failure.status, failure.error, failure.message) from None
@@ -208,6 +226,13 @@ async def _serve(proxy: Proxy, scope, receive, send, call: Call, suffix: str) ->
     call.completion_tokens = usage.completion_tokens
     call.usage_reported = usage.reported
     call.flagged = usage.flagged
+    if answer is not None:
+        verdict = answer.verdict
+        if verdict.categories:
+            add_flags(call, verdict.categories)
+            keep_sample(proxy, call, screen, verdict, "response", answer.text())
+        if call.status == 0 and answer.refusal is not None:  # held back: nothing was sent
+            raise answer.refusal
 
 
 async def _read_body(receive, limit: int) -> bytes:
@@ -239,8 +264,8 @@ def _touch(proxy: Proxy, key: KeyEntry) -> None:
 
 async def _settle(proxy: Proxy, call: Call) -> None:
     """Replace the call's token reservation with what it really used."""
-    if call.status != 200:  # refused or failed upstream: nothing was served
-        used = 0
+    if call.status != 200 and call.code not in ANSWER_REFUSALS:
+        used = 0  # refused or failed upstream: nothing was served
     elif call.usage_reported or call.streamed:
         used = call.prompt_tokens + call.completion_tokens
     else:  # an answer without usage counts as reserved
