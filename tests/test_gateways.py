@@ -129,7 +129,7 @@ class Nginx:
 
 def plan_text(base_url: str, *, rpm: int | None = None) -> str:
     text = EXAMPLE_PLAN.read_text()
-    text = text.replace("base_url: http://127.0.0.1:8001/v1", f"base_url: {base_url}")
+    text = text.replace("http://127.0.0.1:8001/v1", base_url)  # the upstream and classifier
     if rpm is not None:
         text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)
     return text

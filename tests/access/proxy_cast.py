@@ -36,7 +36,7 @@ HELLO = [{"role": "user", "content": "Say hello to the staged rollout."}]
 def plan_text(base_url: str, *, release: str = "atlas-2", model: str = "atlas-2-2026-11", rpm=None):
     text = EXAMPLE_PLAN.read_text()
     text = text.replace("release: atlas-2", f"release: {release}")
-    text = text.replace("base_url: http://127.0.0.1:8001/v1", f"base_url: {base_url}")
+    text = text.replace("http://127.0.0.1:8001/v1", base_url)  # the upstream and classifier
     text = text.replace("model: atlas-2-2026-11", f"model: {model}")
     if rpm is not None:
         text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)

@@ -17,7 +17,7 @@ from access.keys import authenticate_key
 from access.management.commands.seed_demo import DEMO_ORGS, org_admin_username
 from access.models import ApiKey, Organization
 from access.tier_changes import effective_tiers_by_release
-from monitoring.models import UsageEvent, UsageRollup
+from monitoring.models import AuditEvent, FlaggedSample, UsageEvent, UsageRollup
 from rollout.models import Release, Review, StageTransition
 from rollout.plan_schema import TIERS
 from rollout.plans import plan_doc
@@ -202,4 +202,45 @@ def test_a_week_of_history_lands_in_the_rollups(db, capsys, settings, tmp_path):
     evaluation = evaluate(Release.objects.get(name="atlas-2"))
     assert not any(tripwire.fired for tripwire in evaluation.tripwires)
     failing = {result.name for result in evaluation.criteria if not result.passed}
-    assert failing == {"min_days_in_stage", "approvals"}
+    # The last day's flagged samples still await a reviewer's decision.
+    assert failing == {"min_days_in_stage", "approvals", "max_confirmed_flag_rate"}
+    confirmed = next(r for r in evaluation.criteria if r.name == "max_confirmed_flag_rate")
+    assert "awaiting a reviewer's decision" in confirmed.explanation
+
+
+def test_the_week_carries_what_screening_caught_and_its_reviewed_samples(
+    db, capsys, settings, tmp_path
+):
+    settings.VAR_DIR = tmp_path
+    out = seed(capsys)
+    now = timezone.now()
+    totals = evaluate(Release.objects.get(name="atlas-2")).totals
+    # Flagged and routed requests were admitted; blocked ones refused with their category.
+    assert set(totals.flagged_by_category) == {"bio", "cyber", "harassment", "self-harm"}
+    assert set(totals.denied_by_category) == {"violence/graphic", "weapons"}
+    assert sum(totals.flagged_by_category.values()) < totals.allowed * 0.005
+    blocked = UsageEvent.objects.filter(reason="content_blocked")
+    assert set(blocked.values_list("status", "decision")) == {(400, "deny")}
+    routed = UsageEvent.objects.exclude(routed_to="")
+    assert set(routed.values_list("routed_to", "flags", "status")) == {
+        ("atlas-2-mini", "cyber", 200)
+    }
+    # One sample a screened request, kept 30 days (the first stage's retain_flagged).
+    samples = FlaggedSample.objects.filter(release="atlas-2")
+    screened = UsageEvent.objects.exclude(flags="")
+    assert sorted(samples.values_list("request_id", "categories")) == sorted(
+        screened.values_list("request_id", "flags")
+    )
+    assert {(s.expires_at - s.created_at).days for s in samples} == {30}
+    assert {s.action for s in samples.filter(categories="weapons")} == {"block"}
+    # Older than a day: decided by the reviewers, each decision audited; the rest wait.
+    day_ago = now - timedelta(days=1)
+    pending = samples.filter(status="pending")
+    assert pending.exists() and not pending.filter(created_at__lt=day_ago).exists()
+    decided = samples.exclude(status="pending")
+    assert {s.decided_by.username for s in decided} == {"reviewer1", "reviewer2"}
+    assert all(s.created_at < s.decided_at <= day_ago for s in decided)
+    assert {"confirmed", "dismissed"} <= set(decided.values_list("status", flat=True))
+    decisions = AuditEvent.objects.filter(object_type="flagged_sample")
+    assert decisions.count() == decided.count()
+    assert f"{samples.count()} flagged samples ({pending.count()} awaiting review)" in out

@@ -27,7 +27,7 @@ from access.models import MembershipRole, Organization, VerificationStatus
 from access.organizations import add_member, create_organization
 from access.verifications import create_verification
 from monitoring import audit
-from rollout.demo_history import HISTORY_DAYS, Caller, seed_history
+from rollout.demo_history import HISTORY_DAYS, Caller, review_samples, seed_history
 from rollout.models import Release, ReviewTrigger, StageTransition
 from rollout.plans import apply_plan, plan_doc
 from rollout.reviews import create_review
@@ -200,7 +200,8 @@ class Command(BaseCommand):
 
     def _history(self, release: Release, orgs: list[Organization], now) -> str:
         """A week in the first stage: the stint backdated to its start, the usage written
-        and rolled up, a pause and resume three days ago, a review each morning."""
+        and rolled up with the samples its screening kept (those older than a day
+        reviewed), a pause and resume three days ago, a review each morning."""
         start = now - timedelta(days=HISTORY_DAYS)
         stage = plan_doc(release.active_plan).stage(release.current_stage)
         # Demo only: the release is made to have entered its stage a week ago (the audit
@@ -224,6 +225,7 @@ class Command(BaseCommand):
         callers.append(Caller("", "", "", False, UNKNOWN_KEY_SHARE))
         pause_at = (now - timedelta(days=3)).replace(hour=14, minute=20, second=0, microsecond=0)
         paused = (pause_at, pause_at + timedelta(minutes=45))
+        retain = stage.screening.retain_flagged if stage.screening is not None else None
         count, report = seed_history(
             release=release.name,
             stage=release.current_stage,
@@ -231,6 +233,11 @@ class Command(BaseCommand):
             end=now,
             paused=paused,
             plan_version=release.active_plan.version,
+            retain_days=retain.days if retain is not None else None,
+        )
+        reviewers = list(User.objects.filter(username__in=("reviewer1", "reviewer2")))
+        decided, pending = review_samples(
+            release=release.name, reviewers=reviewers, before=now - timedelta(days=1)
         )
         admin = User.objects.get(username="admin")
         for when, act, reason in (
@@ -251,7 +258,8 @@ class Command(BaseCommand):
         reviewer = User.objects.get(username="reviewer1")
         create_review(release, trigger=ReviewTrigger.API, requested_by=reviewer, roll_up=False)
         return (
-            f", {count} usage events over {HISTORY_DAYS} days in {report.buckets_written} rollups"
+            f", {count} usage events over {HISTORY_DAYS} days in {report.buckets_written} rollups,"
+            f" {decided + pending} flagged samples ({pending} awaiting review)"
         )
 
     def _write_traffic_keys(self, traffic_keys: dict) -> None:
