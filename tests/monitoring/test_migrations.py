@@ -74,3 +74,19 @@ def test_migration_turns_words_into_codes_and_back(before_codes):
             " ORDER BY request_id"
         )
         assert cursor.fetchall() == WORDS
+
+
+@pytest.mark.django_db
+def test_a_writer_that_does_not_know_the_screening_columns_still_inserts():
+    # An older proxy worker during a deploy writes the columns it knows: the database's
+    # own default (migration 0008) fills flags and routed_to.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {TABLE} (created_at, request_id, org, key, tier, release, stage,"
+            " endpoint, decision, reason, status, error, streamed, client_disconnected,"
+            " flagged, prompt_tokens, completion_tokens, latency_ms)"
+            " VALUES ('2026-11-02 09:00:00+00', 'req_old', 'org_a', 'key_a', 1, 'atlas-2',"
+            " 'research_preview', 1, 1, 1, 200, 0, false, false, false, 1, 2, 3.5)"
+        )
+    event = UsageEvent.objects.get(request_id="req_old")
+    assert (event.flags, event.routed_to, event.flagged) == ("", "", False)
