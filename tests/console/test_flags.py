@@ -107,6 +107,14 @@ def test_the_queue_is_in_the_navigation_of_staff_only(browser, rita, oscar, rele
     assert f'href="{QUEUE}"' not in browser.get("/console/orgs/").content.decode()
 
 
+def test_a_release_name_no_url_can_hold_is_shown_as_text(browser, vera, samples):
+    FlaggedSample.objects.filter(pk=samples[0].pk).update(release="atlas/2 <b>")
+    browser.force_login(vera)
+    answer = browser.get(QUEUE)
+    assert answer.status_code == 200
+    assert "atlas/2 &lt;b&gt;<br>" in answer.content.decode()
+
+
 def test_excerpts_are_redacted_and_escaped(browser, vera, samples):
     browser.force_login(vera)
     page = browser.get(QUEUE).content.decode()
