@@ -64,6 +64,7 @@ from proxy import (
     seed,
     start_nginx_upstream,
     start_proxy,
+    wrk_ms,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,11 +169,6 @@ def wrk_script(directory: str, raw_key: str) -> Path:
     return script
 
 
-def wrk_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-
 def run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> Result:
     out = subprocess.run(
         [WRK, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
@@ -180,7 +176,8 @@ def run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> Result:
         text=True,
         check=True,
     ).stdout
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    # "     99%    1.02s ": wrk pads a one-letter unit with a space
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(
