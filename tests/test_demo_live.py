@@ -161,10 +161,6 @@ def test_make_run_on_another_demo_port_serves_the_model_and_demo_traffic(
     assert "demo traffic: one request every 0.05 s" in server.process.output()
 
 
-@pytest.mark.skip(
-    reason="waits for the proxy to screen calls (access/proxy/calls.py wiring screen_prompt,"
-    " issue 16; commit 4d93cb6 says 'not wired into calls yet')"
-)
 def test_a_fresh_demo_flags_blocks_and_routes_what_its_plan_screens(
     live_db, settings, tmp_path, client
 ):
