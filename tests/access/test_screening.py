@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from access.screening import (
     ALLOW,
+    FOLD_DECOMPOSES,
     Screen,
     Verdict,
     compile_screen,
@@ -348,6 +350,30 @@ def test_normalize_every_code_point_is_idempotent_and_leaves_nothing_invisible()
             once = normalize(text, fold=fold)
             assert normalize(once, fold=fold) == once, (ascii(text[:3]), fold)
             assert invisible.isdisjoint(once), ascii(text[:3])
+
+
+def test_fold_decomposes_lists_every_letter_whose_folding_nfkc_composes_again():
+    def nfkc(text: str) -> str:
+        return unicodedata.normalize("NFKC", text)
+
+    folding_undone = {
+        code
+        for code in range(sys.maxunicode + 1)
+        if (char := chr(code)).casefold() != char
+        and nfkc(char) == char
+        and not unicodedata.is_normalized("NFKC", char.casefold())
+    }
+    becoming_one = {
+        code
+        for code in range(sys.maxunicode + 1)
+        if nfkc(chr(code)) != chr(code)
+        and any(ord(part) in folding_undone for part in nfkc(chr(code)))
+    }
+
+    listed = {code for first, last in FOLD_DECOMPOSES for code in range(first, last + 1)}
+
+    assert listed == folding_undone | becoming_one
+    assert normalize("\u01f0\u0323", fold=True) == normalize("j\u0323\u030c", fold=True)
 
 
 @settings(max_examples=500, deadline=None)
