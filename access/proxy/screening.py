@@ -206,16 +206,18 @@ async def screen_prompt(
     if verdict.action == "allow":
         return None
     call.flags = verdict.categories
+    routed = None
+    if verdict.action == "route":
+        fallback, decision = decide_for(snapshot, key, call.org, verdict.route_to, request, now)
+        if decision.allowed:
+            call.routed_to = fallback.name
+            routed = fallback, decision
+        else:  # the caller may not use the fallback: blocked after all
+            verdict = Verdict("block", verdict.categories, verdict.category, None)
     keep_sample(proxy, call, screen, verdict, "prompt", text)
     if verdict.action == "block":
         raise blocked(verdict.category)
-    if verdict.action == "route":
-        fallback, decision = decide_for(snapshot, key, call.org, verdict.route_to, request, now)
-        if not decision.allowed:  # the caller may not use the fallback: blocked after all
-            raise blocked(verdict.category)
-        call.routed_to = fallback.name
-        return fallback, decision
-    return None
+    return routed
 
 
 def keep_sample(

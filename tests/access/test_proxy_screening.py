@@ -267,6 +267,8 @@ def test_a_route_the_fallback_does_not_admit_is_refused_as_blocked(screened):
     assert "atlas-2-public" not in refused.value.message  # a fallback may be invisible
     [event] = usage_events(1, endpoint="chat.completions")
     assert (event.reason, event.flags, event.routed_to) == ("content_blocked", "fraud", "")
+    [sample] = samples(1)
+    assert (sample.action, sample.categories) == ("block", "fraud")
 
 
 # --- the classifier failing -----------------------------------------------------------------
