@@ -386,14 +386,19 @@ class DemoUpstream:
             )
         await _send_json(send, 200, orjson.dumps(_model(model_id)))
 
-    async def _request(self, receive: Receive) -> tuple[dict[str, Any], str]:
-        """The JSON body and its ``model``; a malformed body raises a 400."""
+    async def _body(self, receive: Receive) -> dict[str, Any]:
+        """The JSON object sent; a malformed body raises a 400."""
         try:
             request = orjson.loads(await _read_body(receive))
         except orjson.JSONDecodeError:
             raise ApiError(400, "The request body is not valid JSON.") from None
         if not isinstance(request, dict):
             raise ApiError(400, "The request body must be a JSON object.")
+        return request
+
+    async def _request(self, receive: Receive) -> tuple[dict[str, Any], str]:
+        """The JSON body and its ``model``; a malformed body raises a 400."""
+        request = await self._body(receive)
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' is required", param="model")
@@ -527,12 +532,7 @@ class DemoUpstream:
 
     async def moderations(self, path: str, receive: Receive, send: Send) -> None:
         """``/v1/moderations``: one result per input, from the keyword model."""
-        try:
-            request = orjson.loads(await _read_body(receive))
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "The request body is not valid JSON.") from None
-        if not isinstance(request, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
+        request = await self._body(receive)
         if "input" not in request:
             raise ApiError(400, "'input' is required", param="input")
         inputs = _moderation_inputs(request["input"])
