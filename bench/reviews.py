@@ -2,11 +2,12 @@
 
 For each size, synthetic usage events spread over the same 7 days (so the number of
 rollup buckets does not grow with the size): 1 release, 2 stages, 4 tiers, 40 orgs,
-about 5% denied, 1% upstream errors and 1% flagged. Prints per size:
+about 5% denied, 1% upstream errors and 1% flagged (by screening, in one or two of
+three categories, so the flag rollup has its share of work). Prints per size:
   load s        generating the events and loading them with COPY (indexes maintained)
   B/event       the usage table's size on disk (rows and indexes) per event
   rollup s      rollup_pending over the whole backlog (6-hour chunks), and events/s
-  rows          rollup rows it wrote (minute + hour)
+  rows          usage rollup rows it wrote (minute + hour); flag rows: the flag rollup's
   job ms        a steady-state rollup_pending run: no new events, the trailing window
   read ms       stage_totals over the 7 days (partial hours at both edges), median of --runs
   review ms     a whole review (rollout.reviews.create_review): that read, the tripwire
@@ -73,7 +74,12 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from monitoring import rollups  # noqa: E402
-from monitoring.models import RollupCursor, UsageEvent, UsageRollup  # noqa: E402
+from monitoring.models import (  # noqa: E402
+    RollupCursor,
+    UsageEvent,
+    UsageFlagRollup,
+    UsageRollup,
+)
 from rollout.models import Release  # noqa: E402
 from rollout.plans import apply_plan  # noqa: E402
 from rollout.reviews import create_review  # noqa: E402
@@ -100,7 +106,7 @@ COLUMNS = (
     "created_at, request_id, org, key, tier, release, stage, endpoint, decision, reason,"
     " status, error, streamed, client_disconnected, flagged, prompt_tokens,"
     " completion_tokens, latency_ms, upstream_latency_ms, plan_version, max_tokens,"
-    " claimed_tier, verifications"
+    " claimed_tier, verifications, flags"
 )
 GENERATE = """
 SELECT
@@ -126,7 +132,8 @@ SELECT
     1,
     NULL,
     x.org % 4 + 1,
-    (ARRAY[4, 1, 2, 0])[x.org % 4 + 1]
+    (ARRAY[4, 1, 2, 0])[x.org % 4 + 1],
+    CASE WHEN x.flagged THEN (ARRAY['cyber', 'bio', 'cyber,harassment'])[g.h % 3 + 1] ELSE '' END
 FROM (
     SELECT i, (i * 2654435761) % 4294967296 AS h FROM generate_series(1, {count}) AS i
 ) AS g
@@ -142,7 +149,7 @@ CROSS JOIN LATERAL (
 
 
 def truncate() -> None:
-    tables = [m._meta.db_table for m in (UsageEvent, UsageRollup, RollupCursor)]
+    tables = [m._meta.db_table for m in (UsageEvent, UsageRollup, UsageFlagRollup, RollupCursor)]
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
 
@@ -234,6 +241,7 @@ def main() -> None:
     )
     header = (
         f"{'events':>11}{'load s':>9}{'B/event':>9}{'rollup s':>10}{'events/s':>11}{'rows':>9}"
+        f"{'flag rows':>10}"
         f"{'job ms':>8}{'read ms':>9}{'review ms':>11}{'raw ms':>10}{'raw/read':>10}  agree"
     )
     print(header)
@@ -261,7 +269,8 @@ def main() -> None:
         print(
             f"{count:>11,}{load_s:>9.1f}{per_event:>9.0f}{rollup_s:>10.1f}"
             f"{report.events_seen / rollup_s:>11,.0f}"
-            f"{UsageRollup.objects.count():>9,}{job_ms:>8.1f}{read_ms:>9.2f}{review_ms:>11.2f}"
+            f"{UsageRollup.objects.count():>9,}{UsageFlagRollup.objects.count():>10,}"
+            f"{job_ms:>8.1f}{read_ms:>9.2f}{review_ms:>11.2f}"
             f"{raw_ms:>10.1f}{raw_ms / read_ms:>10,.0f}  {'yes' if agree else 'NO'}"
             f"   ({mix()})",
             flush=True,
