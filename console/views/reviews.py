@@ -25,6 +25,23 @@ def reviews(request):
     )
 
 
+def screening_seen(review: Review) -> dict | None:
+    """What a stored review saw of screening: (category, flagged, refused) rows and the
+    flagged samples by status; None when it saw nothing (or predates screening)."""
+    telemetry = review.telemetry or {}
+    flagged = telemetry.get("flagged_by_category") or {}
+    denied = telemetry.get("denied_by_category") or {}
+    samples = telemetry.get("samples") or {}
+    if not (
+        flagged or denied or any(samples.get(k) for k in ("pending", "confirmed", "dismissed"))
+    ):
+        return None
+    rows = [
+        (name, flagged.get(name, 0), denied.get(name, 0)) for name in sorted({*flagged, *denied})
+    ]
+    return {"categories": rows, "samples": samples}
+
+
 @staff_page
 def review(request, public_id: str):
     found = get_object_or_404(
@@ -39,6 +56,7 @@ def review(request, public_id: str):
             "review": found,
             "release": found.release,
             "status": status,
+            "screening": screening_seen(found),
             "may_vote": status.may_vote(request.user),
             "requested_by_you": status.requested_by(request.user),
             "approve_form": VerdictForm(prefix="approve"),

@@ -23,6 +23,7 @@ from monitoring.series import flags_per_bucket
 from monitoring.usage import write_events, write_samples
 from rollout.models import Release
 from rollout.plans import apply_plan
+from rollout.reviews import create_review
 from tests.factories import EXAMPLE_PLAN, flag_sample, traffic
 
 pytestmark = pytest.mark.django_db
@@ -396,3 +397,32 @@ def test_every_refusal_of_deciding_a_sample_has_a_sentence():
     codes = set(re.findall(r'Refused\(\s*"(\w+)"', source))
     assert codes == {"not_a_reviewer", "sample_not_found", "sample_decided"}
     assert codes - set(SENTENCES) == set()
+
+
+def test_a_review_page_shows_screening_as_the_review_saw_it(browser, vera, screened):
+    now = timezone.now()
+    events = traffic(
+        release="atlas-2",
+        stage="research_preview",
+        orgs={"northwind-research": "research_partner"},
+        count=40,
+        start=now - timedelta(days=2),
+        end=now - timedelta(days=1),
+    )
+    events[0] = events[0]._replace(flags="cyber")
+    events[1] = events[1]._replace(decision="deny", reason="content_blocked", flags="weapons")
+    write_events(events)
+    keep(
+        flag_sample(
+            at=now - timedelta(days=1, hours=1), release="atlas-2", stage="research_preview"
+        )
+    )
+    review = create_review(screened, trigger="schedule")
+    browser.force_login(vera)
+
+    page = browser.get(f"/console/reviews/{review.public_id}/").content.decode()
+
+    section = page[page.index("Screening, as the review saw it") :].split("</section>")[0]
+    assert '<th scope="row">cyber</th><td>1</td><td>0</td>' in section
+    assert '<th scope="row">weapons</th><td>0</td><td>1</td>' in section
+    assert "<dt>samples pending</dt><dd>1</dd>" in section
