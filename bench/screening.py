@@ -36,11 +36,13 @@ What is measured
   proxy's snapshot has it (a sentinel keyword of that configuration is blocked, or for
   0 rules no longer blocked). Figures: req/s and the proxy's CPU µs per request (from
   /proc, usage rows written inside the window), as bench/proxy.py measures them, and
-  each as a ratio to the 0-rule run of the same round and concurrency.
+  each as a ratio to the 0-rule run of the same round and concurrency. --pin puts the
+  proxy on the last core and nginx, wrk and this process on the others (taskset).
 
 Usage: python bench/screening.py [--number 2000] [--repeat 7] [--proxy-us 258]
                                  [--measure-proxy]
-                                 [--live [--concurrency 1,16] [--duration 10] [--rounds 2]]
+                                 [--live [--concurrency 1,16] [--duration 10] [--rounds 2]
+                                         [--pin]]
 """
 
 # The prompts are in several scripts on purpose.
@@ -251,8 +253,16 @@ def measured_proxy_us() -> float:
 
 
 def in_process(args: argparse.Namespace, proxy_us: float, source: str) -> None:
+    cores = os.sched_getaffinity(0)
     with contextlib.suppress(AttributeError, OSError):  # not every OS can pin
-        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+        os.sched_setaffinity(0, {max(cores)})
+    try:
+        _in_process(args, proxy_us, source)
+    finally:
+        os.sched_setaffinity(0, cores)  # --live's processes choose their own
+
+
+def _in_process(args: argparse.Namespace, proxy_us: float, source: str) -> None:
     screens = {}
     for count in RULE_COUNTS:
         screening = screening_of(generate_rules(count))
@@ -311,12 +321,16 @@ def live(args: argparse.Namespace) -> None:
 
     # bench/proxy.py's requests carry its MESSAGES: the 2 KB English prompt here.
     proxy_bench.MESSAGES = chat(PROMPTS["english"])["messages"]
+    layout = proxy_bench.Layout.pinned(1) if args.pin else proxy_bench.Layout()
+    if layout.rest:
+        os.sched_setaffinity(0, set(layout.rest))
     servers: list[Server] = []
     try:
-        upstream, upstream_base = proxy_bench.start_nginx_upstream(var_dir)
+        rest = layout.prefix(layout.rest)
+        upstream, upstream_base = proxy_bench.start_nginx_upstream(var_dir, rest)
         servers.append(upstream)
         raw_key = proxy_bench.seed(f"{upstream_base}/v1")
-        proxy, proxy_base = proxy_bench.start_proxy(var_dir, 1)
+        proxy, proxy_base = proxy_bench.start_proxy(var_dir, 1, layout)
         servers.append(proxy)
         target = proxy_bench.Target(
             "stagegate",
@@ -327,7 +341,7 @@ def live(args: argparse.Namespace) -> None:
         )
         running = proxy_bench.Servers(proxy, upstream)
         run_args = argparse.Namespace(
-            load="wrk", var_dir=var_dir, layout=proxy_bench.Layout(), duration=args.duration
+            load="wrk", var_dir=var_dir, layout=layout, duration=args.duration
         )
         base_plan = yaml.safe_load(proxy_bench.bench_plan(f"{upstream_base}/v1"))
         results: list[tuple[int, int, int, float, float]] = []
@@ -444,6 +458,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=int, default=10, help="--live: seconds per run (10)")
     parser.add_argument("--rounds", type=int, default=2, help="--live: rounds of 0/50/1000 (2)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="--live: the proxy on a core of its own (taskset), the rest on the others",
+    )
     return parser.parse_args()
 
 
