@@ -30,14 +30,15 @@ What is measured
   With --live: the proxy itself (python -m stagegate.serve, embedded mode, one worker)
   against bench/proxy.py's nginx upstream, its plan's first stage screening with 0,
   50 and 1,000 rules (the same generated rules, responses off, no classifier) applied
-  in turn, --rounds times; wrk (one thread) sends the chat request with the English
-  2 KB prompt, which no rule matches, at each --concurrency for --duration seconds
-  after a 1 s warm-up. Before each configuration's runs the script waits until the
-  proxy's snapshot has it (a sentinel keyword of that configuration is blocked, or for
-  0 rules no longer blocked). Figures: req/s and the proxy's CPU µs per request (from
-  /proc, usage rows written inside the window), as bench/proxy.py measures them, and
-  each as a ratio to the 0-rule run of the same round and concurrency. --pin puts the
-  proxy on the last core and nginx, wrk and this process on the others (taskset).
+  in turn (every other round in reverse order), --rounds times; wrk (one thread) sends
+  the chat request with the English 2 KB prompt, which no rule matches, at each
+  --concurrency for --duration seconds after a 1 s warm-up. Before each configuration's
+  runs the script waits until the proxy's snapshot has it (a sentinel keyword of that
+  configuration is blocked; for 0 rules, the last configuration's is answered).
+  Figures: req/s and the proxy's CPU µs per request (from /proc, usage rows written
+  inside the window), as bench/proxy.py measures them, and each as a ratio to the
+  0-rule run of the same round and concurrency. --pin puts the proxy on the last core
+  and nginx, wrk and this process on the others (taskset).
 
 Usage: python bench/screening.py [--number 2000] [--repeat 7] [--proxy-us 258]
                                  [--measure-proxy]
@@ -345,8 +346,11 @@ def live(args: argparse.Namespace) -> None:
         )
         base_plan = yaml.safe_load(proxy_bench.bench_plan(f"{upstream_base}/v1"))
         results: list[tuple[int, int, int, float, float]] = []
+        last_sentinel = None
         for round_ in range(1, args.rounds + 1):
-            for count in RULE_COUNTS:
+            # Every other round in reverse, so that no configuration always runs last (the
+            # usage table grows as the runs go, and each row costs a little more).
+            for count in RULE_COUNTS if round_ % 2 else RULE_COUNTS[::-1]:
                 sentinel = f"benchsentinel{count}x{round_}"
                 plan = copy.deepcopy(base_plan)
                 rules = generate_rules(count, sentinel=sentinel) if count else []
@@ -355,8 +359,11 @@ def live(args: argparse.Namespace) -> None:
                     plan["stages"][0]["screening"] = {"rules": rules}
                 apply_plan(yaml.safe_dump(plan), actor=proxy_bench.ACTOR, comment="screening")
                 running.proxy_calls += asyncio.run(
-                    picked_up(proxy_bench, target, sentinel if count else None)
+                    picked_up(target, sentinel)
+                    if count
+                    else picked_up(target, last_sentinel, blocked=False)
                 )
+                last_sentinel = sentinel if count else None
                 for concurrency in args.concurrency:
                     run = asyncio.run(
                         proxy_bench.measure(target, "plain", concurrency, run_args, running)
@@ -401,16 +408,18 @@ def live(args: argparse.Namespace) -> None:
                 )
 
 
-async def picked_up(proxy_bench: Any, target: Any, sentinel: str | None) -> int:
-    """Send the sentinel until the proxy's snapshot has the plan just applied: blocked
-    (400) when ``sentinel`` is this plan's, answered (200) when the plan screens nothing
-    and the sentinel is the last plan's. How many calls that took (each is a usage row)."""
+async def picked_up(target: Any, sentinel: str | None, *, blocked: bool = True) -> int:
+    """Send ``sentinel`` until the proxy's snapshot has the plan just applied: until it is
+    blocked (400) when it is this plan's, answered (200) when ``blocked`` is false (the
+    plan screens nothing; the sentinel is the last plan's). How many calls that took
+    (each is a usage row)."""
     import aiohttp
     import orjson
 
-    word = sentinel or "benchsentinel"
+    if sentinel is None:
+        return 0  # nothing screened before either
     body = orjson.dumps(
-        {"model": target.model, "messages": [{"role": "user", "content": f"say {word}"}]}
+        {"model": target.model, "messages": [{"role": "user", "content": f"say {sentinel}"}]}
     )
     headers = {"content-type": "application/json", **target.headers}
     calls = 0
@@ -420,7 +429,7 @@ async def picked_up(proxy_bench: Any, target: Any, sentinel: str | None) -> int:
             calls += 1
             async with session.post(target.url, data=body, headers=headers) as response:
                 await response.read()
-                if response.status == (400 if sentinel else 200):
+                if response.status == (400 if blocked else 200):
                     return calls
             if time.monotonic() > deadline:
                 raise SystemExit(
