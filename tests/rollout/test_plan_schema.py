@@ -1312,9 +1312,13 @@ MAPPING_PATHS = [
     if isinstance(value, dict) and path[-1:] != ("max_flag_rate_by_category",)
 ]
 ALL_PATHS = [path for path, _ in EXAMPLE_NODES]
+# Objects that may be null (absent): null there is valid, not a wrong type.
+NULLABLE = {"screening", "classifier", "retain_flagged"}
 STAGE_COUNT = len(EXAMPLE["stages"])
 
-unknown_keys = st.from_regex(r"x_[a-z0-9_]{0,12}", fullmatch=True)
+# Upper case: no schema object has such a key, and no category (a mapping's keys where
+# any category may be one) can be one.
+unknown_keys = st.from_regex(r"X_[a-z0-9_]{0,12}", fullmatch=True)
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -1378,7 +1382,10 @@ def bad_plans(draw: st.DrawFn) -> tuple[Any, set[str]]:
     if mutation == "wrong_type":
         path = draw(st.sampled_from(ALL_PATHS[1:]))
         original = dict(nodes(plan))[path]
-        return set_at(plan, path, draw(wrong_type_for(original))), set()
+        wrong = wrong_type_for(original)
+        if path[-1] in NULLABLE:
+            wrong = wrong.filter(lambda value: value is not None)
+        return set_at(plan, path, draw(wrong)), set()
     if mutation == "negative":
         path = draw(st.sampled_from(NUMBER_PATHS))
         number = draw(
