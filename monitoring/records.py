@@ -243,6 +243,7 @@ REASONS = CodeTable(
         # screening (access.screening, the proxy's screening refusals)
         20: "content_blocked",
         21: "screening_unavailable",
+        22: "screening_requires_proxy",  # /authz for a stage that screens
     },
     fallback=0,
 )

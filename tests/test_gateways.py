@@ -26,6 +26,7 @@ import pytest
 
 from access.keys import issue_key
 from rollout.plans import apply_plan
+from tests.access.proxy_cast import unscreened
 from tests.factories import EXAMPLE_PLAN, make_org
 from tests.live import ROOT, Process, free_port, wait_until
 
@@ -128,11 +129,13 @@ class Nginx:
 
 
 def plan_text(base_url: str, *, rpm: int | None = None) -> str:
+    """The example plan without screening: /authz refuses a stage that screens
+    (tests/access/test_proxy_authz.py), since a gateway keeps the prompt to itself."""
     text = EXAMPLE_PLAN.read_text()
     text = text.replace("http://127.0.0.1:8001/v1", base_url)  # the upstream and classifier
     if rpm is not None:
         text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)
-    return text
+    return unscreened(text)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ async def authorize(proxy: Proxy, scope, send) -> None:
     ``/v1/models/{id}``; the original URI is ``x-original-uri`` (nginx) or the
     path after ``/authz`` (Envoy's path_prefix). Answers 200 with
     ``x-stagegate-*`` headers, or 401, 403 (also for an unknown model: gateways
-    understand only these) or 429, each with ``x-stagegate-reason``.
+    understand only these, and ``screening_requires_proxy`` for a stage that
+    screens, which a gateway's check cannot) or 429, each with ``x-stagegate-reason``.
     """
     call = Call("authz")
     headers = dict(scope["headers"])
@@ -51,6 +52,15 @@ async def authorize(proxy: Proxy, scope, send) -> None:
         )
         call.release = release
         call.decision = decision
+        if decision.allowed and release.screen is not None:
+            # The gateway keeps the prompt and the answer: screening the stage promises
+            # cannot happen here, so the stage is not served this way (fail closed).
+            raise HTTPError(
+                403,
+                "screening_requires_proxy",
+                f"Stage '{decision.stage}' of '{release.name}' screens requests, which an"
+                " authorization check cannot see: call it through Stagegate's proxy.",
+            )
         extra = []
         if decision.allowed:
             limited = await take_limit(proxy.limiter, call, release, 0)

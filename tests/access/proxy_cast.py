@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import openai
+import yaml
 from django.db import transaction
 
 from access.models import Organization
@@ -41,6 +42,14 @@ def plan_text(base_url: str, *, release: str = "atlas-2", model: str = "atlas-2-
     if rpm is not None:
         text = re.sub(r"requests_per_minute: \d+", f"requests_per_minute: {rpm}", text)
     return text
+
+
+def unscreened(text: str) -> str:
+    """The plan without any stage's screening (what a gateway can authorize)."""
+    document = yaml.safe_load(text)
+    for stage in document["stages"]:
+        stage.pop("screening", None)
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def set_release(name: str, **fields) -> None:

@@ -7,10 +7,39 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from rollout.plans import apply_plan
+from tests.access.proxy_cast import plan_text, unscreened
+
 pytestmark = pytest.mark.usefixtures("live_db")
 
 
+def _authz(cast, model: str = "atlas-2") -> httpx.Response:
+    return httpx.get(
+        f"{cast.server.url}/authz",
+        headers={
+            "Authorization": f"Bearer {cast.keys['northwind-research']}",
+            "X-Stagegate-Model": model,
+        },
+    )
+
+
+def test_authz_refuses_a_stage_that_screens(cast):
+    """The example plan screens at every stage: a gateway cannot, so it is refused,
+    and admitted again once the stage no longer screens."""
+    screened = _authz(cast)
+    assert (screened.status_code, screened.headers["x-stagegate-reason"]) == (
+        403,
+        "screening_requires_proxy",
+    )
+    assert "through Stagegate's proxy" in screened.json()["error"]["message"]
+    apply_plan(unscreened(plan_text(cast.upstream.base_url)), actor=None)
+    cast.server.wait_synced()
+    assert _authz(cast).status_code == 200
+
+
 def test_authz_endpoint_answers_nginx_and_envoy(cast):
+    apply_plan(unscreened(plan_text(cast.upstream.base_url)), actor=None)
+    cast.server.wait_synced()
     url = cast.server.url
     key = cast.keys["northwind-research"]
     nginx = httpx.get(

@@ -65,6 +65,7 @@ STABLE = {
         19: "request_timeout",
         20: "content_blocked",
         21: "screening_unavailable",
+        22: "screening_requires_proxy",
     },
     "error": {
         0: "",
