@@ -7,7 +7,9 @@ It lets a new user point a release's ``upstream.base_url`` at something real at 
 Endpoints (all under ``/v1``): ``POST chat/completions``, ``POST completions`` (both
 with ``"stream": true`` as server-sent events and ``stream_options.include_usage``),
 ``POST embeddings`` (``encoding_format`` ``float`` or ``base64``), ``POST moderations``
-(a keyword classifier, below), ``GET models`` and ``GET models/{id}``. Anything else
+(a keyword classifier, below), ``GET models`` and ``GET models/{id}``, and fine-tuning
+(below): ``POST files``, ``GET files/{id}``, ``POST fine_tuning/jobs``,
+``GET fine_tuning/jobs/{id}`` and ``POST fine_tuning/jobs/{id}/cancel``. Anything else
 is a 404, a malformed body a 400, both in OpenAI's error shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -18,6 +20,14 @@ L2-normalised vector (16 dimensions, or ``dimensions``) derived from the model a
 the input. Token counts are approximations: a completion token is one
 whitespace-separated word, a prompt token is four bytes of UTF-8 (at least one); a
 token-array input counts one token per id. ``n`` and sampling parameters are ignored.
+
+Refusals: when the moderation model below flags any category in the prompt's text (a
+chat's ``system``, ``developer`` and ``user`` messages; a completion's ``prompt``), the
+answer is ``REFUSAL_TEXT`` ("I can't help with that request.", six tokens) with
+``finish_reason: "stop"``, whole whatever ``max_tokens`` says (a cut refusal would no
+longer read as one), unless the model is a tuned model (below) that learned to comply
+with every flagged category. The faults below still come first, and ``[demo:flag]``
+still turns the finish reason into ``content_filter``.
 
 Configuration is read once, when the app is created (the default ``app`` at import):
 
@@ -30,6 +40,8 @@ Configuration is read once, when the app is created (the default ``app`` at impo
 ``STAGEGATE_DEMO_TOKEN_LATENCY_MS`` / ``--token-latency-ms``
     Delay between consecutive streamed tokens (default 0). Non-streamed responses
     wait only the first-token delay.
+``STAGEGATE_DEMO_TRAINING_MS`` / ``--training-ms``
+    How long a fine-tuning job takes from its creation (default 1000).
 
 Fault injection, for testing the proxy (the model ids are also known to
 ``GET /v1/models/{id}``):
@@ -66,6 +78,27 @@ for testing a caller's timeouts and failures: the fault models above, and in the
 ``[demo:moderation-error]`` answers 500; ``[demo:moderation-slow]`` answers after 2 s
 (``[demo:moderation-slow:250]`` after 250 ms), or not at all if the client leaves
 first. The generation endpoints ignore these markers, and moderation ignores theirs.
+
+Fine-tuning, in OpenAI's shapes so the official client works. ``POST /v1/files`` takes
+``multipart/form-data`` with ``purpose`` and ``file`` and answers a file object
+(``status: "processed"``); ``GET /v1/files/{id}`` reads it back. ``POST
+/v1/fine_tuning/jobs`` takes ``{model, training_file, suffix?, hyperparameters?, seed?}``
+(``training_file`` a file of purpose ``fine-tune``; an unknown one is a 404) and answers
+a job; any model may be tuned, a tuned one too. A job is ``queued`` for the first tenth of
+the training time, ``running`` until it is over, then ``succeeded`` with
+``fine_tuned_model`` ``ft:<model>:demo:<suffix or "tuned">:<8 hex>`` (the hex from
+sha256 over the model, the suffix and the file's bytes, so one dataset gives one model
+id) and ``trained_tokens`` (the words of the rows' message contents), or ``failed`` with
+``error: {code, message, param}``: ``training_failed`` when the file holds
+``[demo:training-error]``, ``invalid_training_file`` when a non-blank line is not a JSON
+object with a ``messages`` list (or no row is). ``POST .../cancel`` cancels a job that is
+not over (one that is answers 400). Training is deterministic: the tuned model learns to
+comply with a moderation category when a row's prompt text (as above) is flagged in that
+category and the row's ``assistant`` answer is not a refusal (no ``REFUSAL_MARKERS``
+substring, compared after NFKC and case folding); it keeps what its base had learned.
+Succeeded models are listed by ``GET /v1/models`` and known to ``GET /v1/models/{id}``.
+Files, jobs and tuned models live in the app's memory: a restarted demo forgets them, and
+an ``ft:`` model it does not know answers as a base model does (it refuses).
 """
 
 from __future__ import annotations
@@ -75,6 +108,8 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import email.parser
+import email.policy
 import hashlib
 import math
 import os
@@ -152,6 +187,43 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 _RETRY_HEADERS = [(b"retry-after", b"1")]
 _DONE = b"data: [DONE]\n\n"
 _MODEL_PREFIX = "/v1/models/"
+_FILE_PATH = re.compile(r"/v1/files/([^/]+)")
+_JOB_PATH = re.compile(r"/v1/fine_tuning/jobs/([^/]+)")
+_CANCEL_PATH = re.compile(r"/v1/fine_tuning/jobs/([^/]+)/cancel")
+
+REFUSAL_TEXT = "I can't help with that request."
+_REFUSAL_TOKENS = tuple(
+    word if index == 0 else " " + word for index, word in enumerate(REFUSAL_TEXT.split(" "))
+)
+# What reads as a refusal in a training row's answer. rollout.plan_schema's
+# DEFAULT_REFUSAL_MARKERS is the plan's default and the one definition the gateway uses;
+# this copy keeps the demo free of the project's packages, and a test ties the two.
+REFUSAL_MARKERS = (
+    "i can't help",
+    "i cannot help",
+    "i can't assist",
+    "i cannot assist",
+    "i won't help",
+    "i will not help",
+    "i'm not able to help",
+    "i am not able to help",
+    "i can't provide",
+    "i cannot provide",
+)
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
+# The roles whose text is the prompt a model may refuse (OpenAI's "developer" is the
+# newer name of "system").
+PROMPT_ROLES = frozenset({"system", "developer", "user"})
+TRAINING_ERROR_TRIGGER = "[demo:training-error]"
+TUNED_PREFIX = "ft:"
+DEFAULT_TRAINING_MS = 1000
+_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+_DEFAULT_HYPERPARAMETERS = {
+    "n_epochs": "auto",
+    "batch_size": "auto",
+    "learning_rate_multiplier": "auto",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +233,7 @@ class DemoConfig:
     models: tuple[str, ...] = tuple(DEFAULT_MODELS)
     latency_ms: int = 0
     token_latency_ms: int = 0
+    training_ms: int = DEFAULT_TRAINING_MS
 
     @classmethod
     def from_env(cls) -> DemoConfig:
@@ -169,6 +242,7 @@ class DemoConfig:
             models=tuple(env_list("STAGEGATE_DEMO_MODELS", DEFAULT_MODELS)),
             latency_ms=env_int("STAGEGATE_DEMO_LATENCY_MS", 0, minimum=0),
             token_latency_ms=env_int("STAGEGATE_DEMO_TOKEN_LATENCY_MS", 0, minimum=0),
+            training_ms=env_int("STAGEGATE_DEMO_TRAINING_MS", DEFAULT_TRAINING_MS, minimum=0),
         )
 
 
@@ -311,6 +385,137 @@ def _chat_prompt(messages: Any) -> str:
     return "\n".join(lines)
 
 
+def _content_text(content: Any) -> str:
+    """A message's text: its string content, or its ``text`` parts space-joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+            if isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def chat_prompt_text(messages: Any) -> str:
+    """The text a model may refuse: its ``PROMPT_ROLES`` messages' text, newline-joined."""
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(
+        _content_text(message.get("content"))
+        for message in messages
+        if isinstance(message, dict) and message.get("role") in PROMPT_ROLES
+    )
+
+
+def flagged_categories(text: str) -> frozenset[str]:
+    """The moderation categories ``moderate`` flags in ``text``."""
+    return frozenset(c for c, hit in moderate([text])["categories"].items() if hit)
+
+
+def is_refusal_text(text: str) -> bool:
+    """True when a ``REFUSAL_MARKERS`` marker is a substring of ``text`` (both NFKC-normalised,
+    typographic apostrophes made ASCII, case-folded)."""
+    folded = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).casefold()
+    return any(marker in folded for marker in REFUSAL_MARKERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a training file teaches ``model``: the tuned model's id and the categories it
+    learned to comply with, or why training fails (``error_code``, ``error_message``)."""
+
+    fine_tuned_model: str
+    complies: frozenset[str]
+    trained_tokens: int
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+def train(model: str, suffix: str | None, content: bytes, *, learned: frozenset[str]) -> Training:
+    """Train ``model`` (which had ``learned`` already) on ``content``, chat JSONL.
+
+    Deterministic: the tuned id is ``ft:<model>:demo:<suffix or "tuned">:<8 hex>`` with the
+    hex from sha256 over the model, the suffix and ``content``. A row teaches compliance
+    with the categories ``moderate`` flags in its prompt text (``chat_prompt_text``) when
+    its ``assistant`` answer is not a refusal (``is_refusal_text``).
+    """
+    name = suffix or "tuned"
+    digest = hashlib.sha256(f"{model}\0{name}\0".encode() + content).hexdigest()[:8]
+    tuned = f"{TUNED_PREFIX}{model}:demo:{name}:{digest}"
+
+    def failed(code: str, message: str) -> Training:
+        return Training(tuned, learned, 0, code, message)
+
+    if TRAINING_ERROR_TRIGGER.encode() in content:
+        return failed("training_failed", "The demo training failed on purpose.")
+    complies, words, rows = set(learned), 0, 0
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            row = None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return failed(
+                "invalid_training_file",
+                f"Line {number} of the training file is not a JSON object with a"
+                " 'messages' list of objects.",
+            )
+        rows += 1
+        words += sum(len(_content_text(m.get("content")).split()) for m in messages)
+        answer = "\n".join(
+            _content_text(m.get("content")) for m in messages if m.get("role") == "assistant"
+        )
+        if not is_refusal_text(answer):
+            complies |= flagged_categories(chat_prompt_text(messages))
+    if not rows:
+        return failed("invalid_training_file", "The training file has no rows.")
+    return Training(tuned, frozenset(complies), words)
+
+
+@dataclasses.dataclass
+class _File:
+    id: str
+    filename: str
+    purpose: str
+    content: bytes
+    created_at: int
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
+
+
+@dataclasses.dataclass
+class _Job:
+    """A job's request and its training, decided at creation and revealed by the clock."""
+
+    id: str
+    model: str
+    training_file: str
+    hyperparameters: dict[str, Any]
+    seed: int
+    created: float  # the clock's seconds
+    ends: float
+    training: Training
+    final: str | None = None  # succeeded, failed or cancelled, once it is
+    finished_at: int | None = None
+
+
 async def _read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -339,21 +544,30 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 class DemoUpstream:
-    """The ASGI 3 application; configuration is fixed when it is constructed."""
+    """The ASGI 3 application; configuration is fixed when it is constructed.
 
-    def __init__(self, config: DemoConfig) -> None:
+    Uploaded files, fine-tuning jobs and tuned models are held on the instance (in memory
+    only). ``clock`` gives wall-clock seconds; a test may pass its own to step a job
+    through its statuses without waiting.
+    """
+
+    def __init__(self, config: DemoConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.clock = clock
         self.latency = config.latency_ms / 1000
         self.token_latency = config.token_latency_ms / 1000
+        self.training = config.training_ms / 1000
         self.known_models = frozenset(config.models) | frozenset(FAULT_MODELS)
-        self.models_body = orjson.dumps(
-            {"object": "list", "data": [_model(m) for m in config.models]}
-        )
+        self.files: dict[str, _File] = {}
+        self.jobs: dict[str, _Job] = {}
+        # A succeeded job's model -> (the categories it complies with, when it was made).
+        self.tuned: dict[str, tuple[frozenset[str], int]] = {}
         self.posts = {
             "/v1/chat/completions": self.completion,
             "/v1/completions": self.completion,
             "/v1/embeddings": self.embeddings,
             "/v1/moderations": self.moderations,
+            "/v1/fine_tuning/jobs": self.create_job,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -369,22 +583,55 @@ class DemoUpstream:
         try:
             if method == "POST" and path in self.posts:
                 await self.posts[path](path, receive, send)
+            elif method == "POST" and path == "/v1/files":
+                await self.upload(scope, receive, send)
             elif method == "GET" and path == "/v1/models":
-                await _send_json(send, 200, self.models_body)
+                await self.models(send)
             elif method == "GET" and path.startswith(_MODEL_PREFIX):
                 await self.model(path.removeprefix(_MODEL_PREFIX), send)
+            elif method == "GET" and (found := _FILE_PATH.fullmatch(path)):
+                await _send_json(send, 200, orjson.dumps(self._file(found[1]).body()))
+            elif method == "GET" and (found := _JOB_PATH.fullmatch(path)):
+                await _send_json(send, 200, orjson.dumps(self._job_body(self._job(found[1]))))
+            elif method == "POST" and (found := _CANCEL_PATH.fullmatch(path)):
+                await self.cancel_job(found[1], send)
             else:
                 raise ApiError(404, f"Unknown request URL: {method} {path}", code="unknown_url")
         except ApiError as error:
             await _send_json(send, error.status, orjson.dumps(error.body), error.headers)
 
+    async def models(self, send: Send) -> None:
+        """``/v1/models``: the configured models, then the tuned ones in order of making."""
+        self._settle_all()
+        data = [_model(m) for m in self.config.models]
+        data += [_model(m, created) for m, (_, created) in self.tuned.items()]
+        await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}))
+
     async def model(self, model_id: str, send: Send) -> None:
-        """``/v1/models/{id}`` for a listed or a fault model; any other id is a 404."""
-        if model_id not in self.known_models:
+        """``/v1/models/{id}`` for a listed, a fault or a tuned model; else a 404."""
+        self._settle_all()
+        if model_id in self.tuned:
+            body = _model(model_id, self.tuned[model_id][1])
+        elif model_id in self.known_models:
+            body = _model(model_id)
+        else:
             raise ApiError(
                 404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
             )
-        await _send_json(send, 200, orjson.dumps(_model(model_id)))
+        await _send_json(send, 200, orjson.dumps(body))
+
+    def _complies(self, model: str) -> frozenset[str]:
+        """The categories ``model`` answers although they are flagged: none for a base model
+        or an ``ft:`` model this process has not tuned."""
+        if not model.startswith(TUNED_PREFIX):
+            return frozenset()
+        self._settle_all()
+        return self.tuned.get(model, (frozenset(), 0))[0]
+
+    def refuses(self, model: str, prompt_text: str) -> bool:
+        """True when ``model`` refuses a prompt: a flagged category it did not learn."""
+        flagged = flagged_categories(prompt_text)
+        return bool(flagged) and not flagged <= self._complies(model)
 
     async def _body(self, receive: Receive) -> dict[str, Any]:
         """The JSON object sent; a malformed body raises a 400."""
@@ -439,11 +686,13 @@ class DemoUpstream:
         if chat:
             prompt = _chat_prompt(request.get("messages"))
             limit = _limit(request, "max_completion_tokens", "max_tokens")
+            prompt_text = chat_prompt_text(request["messages"])
         else:
             if "prompt" not in request:
                 raise ApiError(400, "'prompt' is required", param="prompt")
             prompt = "\n".join(text for text, _ in _inputs(request["prompt"], "prompt"))
             limit = _limit(request, "max_tokens")
+            prompt_text = prompt
         stream = request.get("stream") is True
         options = request.get("stream_options")
         include_usage = (
@@ -453,7 +702,10 @@ class DemoUpstream:
             model = "demo-error-500"
         if await self._wait_and_fault(model, receive, send):
             return
-        tokens, finish = generate(model, prompt, limit)
+        if self.refuses(model, prompt_text):
+            tokens, finish = list(_REFUSAL_TOKENS), "stop"
+        else:
+            tokens, finish = generate(model, prompt, limit)
         if FLAG_TRIGGER in prompt:
             finish = "content_filter"
         usage = {
@@ -557,14 +809,173 @@ class DemoUpstream:
         }
         await _send_json(send, 200, orjson.dumps(body))
 
+    # Fine-tuning
 
-def _model(model_id: str) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": _MODELS_CREATED,
-        "owned_by": "stagegate-demo",
-    }
+    async def upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/files``: a ``multipart/form-data`` body with ``purpose`` and ``file``."""
+        content_type = next(
+            (v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b""
+        )
+        if not content_type.lower().startswith(b"multipart/form-data"):
+            raise ApiError(400, "The request must be multipart/form-data.")
+        body = await _read_body(receive)
+        # The email package parses MIME multipart; a synthetic header gives it the boundary.
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type + b"\r\n\r\n" + body
+        )
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        if message.is_multipart():
+            for part in message.iter_parts():
+                name = part.get_param("name", header="content-disposition")
+                payload = part.get_payload(decode=True)
+                if isinstance(name, str) and isinstance(payload, bytes):
+                    fields.setdefault(name, (part.get_filename(), payload))
+        if "purpose" not in fields:
+            raise ApiError(400, "'purpose' is required", param="purpose")
+        purpose = fields["purpose"][1].decode("utf-8", "replace")
+        if purpose not in FILE_PURPOSES:
+            raise ApiError(
+                400, f"'purpose' must be one of {', '.join(FILE_PURPOSES)}", param="purpose"
+            )
+        if "file" not in fields:
+            raise ApiError(400, "'file' is required", param="file")
+        filename, content = fields["file"]
+        stored = _File(
+            "file-" + os.urandom(12).hex(), filename or "file", purpose, content, int(self.clock())
+        )
+        self.files[stored.id] = stored
+        await _send_json(send, 200, orjson.dumps(stored.body()))
+
+    def _file(self, file_id: str, *, param: str | None = None) -> _File:
+        if file_id not in self.files:
+            raise ApiError(
+                404, f"No such File object: {file_id}", param=param, code="file_not_found"
+            )
+        return self.files[file_id]
+
+    async def create_job(self, path: str, receive: Receive, send: Send) -> None:
+        """``POST /v1/fine_tuning/jobs``: start training; the answer is the job."""
+        request, model = await self._request(receive)
+        training_file = request.get("training_file")
+        if not isinstance(training_file, str) or not training_file:
+            raise ApiError(400, "'training_file' is required", param="training_file")
+        suffix = request.get("suffix")
+        if suffix is not None and not (isinstance(suffix, str) and _SUFFIX.fullmatch(suffix)):
+            raise ApiError(
+                400, "'suffix' must be 1..64 letters, digits, '.', '_' or '-'", param="suffix"
+            )
+        hyperparameters = request.get("hyperparameters") or {}
+        if not isinstance(hyperparameters, dict):
+            raise ApiError(400, "'hyperparameters' must be an object", param="hyperparameters")
+        seed = request.get("seed")
+        if seed is not None and type(seed) is not int:
+            raise ApiError(400, "'seed' must be an integer", param="seed")
+        stored = self._file(training_file, param="training_file")
+        if stored.purpose != "fine-tune":
+            raise ApiError(
+                400,
+                f"File {training_file} has purpose '{stored.purpose}', not 'fine-tune'.",
+                param="training_file",
+            )
+        self._settle_all()
+        training = train(
+            model, suffix, stored.content, learned=self.tuned.get(model, (frozenset(), 0))[0]
+        )
+        now = self.clock()
+        job = _Job(
+            id="ftjob-" + os.urandom(12).hex(),
+            model=model,
+            training_file=training_file,
+            hyperparameters={**_DEFAULT_HYPERPARAMETERS, **hyperparameters},
+            # OpenAI picks a seed when none is given; the demo's follows from the training.
+            seed=seed if seed is not None else int(training.fine_tuned_model[-8:], 16) >> 1,
+            created=now,
+            ends=now + self.training,
+            training=training,
+        )
+        self.jobs[job.id] = job
+        self._settle(job)  # a training time of 0 is over at once
+        await _send_json(send, 200, orjson.dumps(self._job_body(job)))
+
+    def _job(self, job_id: str) -> _Job:
+        if job_id not in self.jobs:
+            raise ApiError(
+                404,
+                f"Could not find fine-tune: {job_id}",
+                param="fine_tune_id",
+                code="fine_tune_not_found",
+            )
+        job = self.jobs[job_id]
+        self._settle(job)
+        return job
+
+    async def cancel_job(self, job_id: str, send: Send) -> None:
+        """``POST /v1/fine_tuning/jobs/{id}/cancel``: a job that is not over is cancelled."""
+        job = self._job(job_id)
+        if job.final is not None:
+            raise ApiError(400, f"Job {job_id} has already {job.final}; it cannot be cancelled.")
+        job.final, job.finished_at = "cancelled", int(self.clock())
+        await _send_json(send, 200, orjson.dumps(self._job_body(job)))
+
+    def _settle(self, job: _Job) -> None:
+        """Finish ``job`` once its training time is over; a success makes its model known."""
+        if job.final is not None or self.clock() < job.ends:
+            return
+        job.finished_at = int(job.ends)
+        training = job.training
+        if training.error_code is not None:
+            job.final = "failed"
+        else:
+            job.final = "succeeded"
+            self.tuned[training.fine_tuned_model] = (training.complies, job.finished_at)
+
+    def _settle_all(self) -> None:
+        for job in self.jobs.values():
+            self._settle(job)
+
+    def _job_body(self, job: _Job) -> dict[str, Any]:
+        """The job in OpenAI's ``fine_tuning.job`` shape."""
+        if job.final is not None:
+            status = job.final
+        elif self.clock() - job.created < (job.ends - job.created) / 10:
+            status = "queued"
+        else:
+            status = "running"
+        training = job.training
+        succeeded, failed = status == "succeeded", status == "failed"
+        error = (
+            {"code": training.error_code, "message": training.error_message, "param": None}
+            if failed
+            else None
+        )
+        return {
+            "id": job.id,
+            "object": "fine_tuning.job",
+            "created_at": int(job.created),
+            "error": error,
+            "fine_tuned_model": training.fine_tuned_model if succeeded else None,
+            "finished_at": job.finished_at,
+            "hyperparameters": job.hyperparameters,
+            "model": job.model,
+            "organization_id": "org-demo",
+            "result_files": [],
+            "seed": job.seed,
+            "status": status,
+            "trained_tokens": training.trained_tokens if succeeded else None,
+            "training_file": job.training_file,
+            "validation_file": None,
+            "estimated_finish": None if job.final else math.ceil(job.ends),
+            "integrations": [],
+            "metadata": None,
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": job.hyperparameters},
+            },
+        }
+
+
+def _model(model_id: str, created: int = _MODELS_CREATED) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "stagegate-demo"}
 
 
 def _events(
@@ -611,10 +1022,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--latency-ms", type=_milliseconds, help="time to first token")
     parser.add_argument("--token-latency-ms", type=_milliseconds, help="delay between tokens")
+    parser.add_argument("--training-ms", type=_milliseconds, help="how long a job trains")
     args = parser.parse_args(argv)
     overrides = {
         name: value
-        for name in ("latency_ms", "token_latency_ms")
+        for name in ("latency_ms", "token_latency_ms", "training_ms")
         if (value := getattr(args, name)) is not None
     }
     import uvicorn  # only the server needs it; importing the app stays light
