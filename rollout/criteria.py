@@ -21,7 +21,6 @@ All datetimes must be timezone-aware; a naive one is a ``ValueError``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,8 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from rollout.plan_schema import SEVERITIES, ExitCriteria, Tripwire, severity_at_least
-
-Z_95 = 1.959963984540054  # the two-sided 95% normal quantile
+from rollout.stats import Z_95, wilson_upper_bound  # noqa: F401 - also read from here
 
 NO_TELEMETRY = "no telemetry rolled up yet"
 
@@ -173,30 +171,6 @@ class Recommendation(StrEnum):
 
 
 # --- statistics and freshness -------------------------------------------------------------
-
-
-def wilson_upper_bound(events: int, trials: int, z: float = Z_95) -> float:
-    """The upper end of the Wilson score interval for the proportion ``events / trials``.
-
-    With ``trials == 0`` nothing is known, so the answer is the worst case, 1.0. The result
-    always lies in ``[events / trials, 1.0]``. Raises ``ValueError`` unless
-    ``0 <= events <= trials`` and ``z`` is a positive finite number.
-    """
-    if not 0 <= events <= trials:
-        raise ValueError(f"need 0 <= events <= trials, got events={events}, trials={trials}")
-    if not (math.isfinite(z) and z > 0):
-        raise ValueError(f"z must be a positive finite number, got {z}")
-    if trials == 0 or events == trials:
-        # Both are exactly 1.0 mathematically; the formula would only add rounding noise.
-        return 1.0
-    n = trials
-    point = events / n
-    spread = z * z / n
-    bound = (point + spread / 2 + z * math.sqrt(point * (1 - point) / n + spread / (4 * n))) / (
-        1 + spread
-    )
-    # Keep the documented range exact despite floating-point rounding near the ends.
-    return min(1.0, max(point, bound))
 
 
 def telemetry_is_fresh(

@@ -8,6 +8,7 @@ a generated secret key under ``var/``, in-process caches. ``production`` require
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -125,8 +126,10 @@ else:
                 "timeout": 20,
                 "init_command": "PRAGMA journal_mode=WAL;",
             },
-            # A file, not memory, so a server the tests start can share the test database.
-            "TEST": {"NAME": VAR_DIR / "test.sqlite3"},
+            # A file, not memory, so a server the tests start can share the test database
+            # (tests/live.py passes its path); one per test run, so that two runs in one
+            # checkout do not delete each other's.
+            "TEST": {"NAME": VAR_DIR / f"test-{os.getpid()}.sqlite3"},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

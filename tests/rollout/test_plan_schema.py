@@ -205,7 +205,7 @@ def test_canonical_dict_includes_defaults():
     assert data["stages"][3]["exit_criteria"] is None
     assert data["stages"][0]["tripwires"][3]["threshold"] is None
     assert data["stages"][0]["tripwires"][3]["window_minutes"] == 60
-    assert list(data) == ["release", "description", "upstream", "stages"]
+    assert list(data) == ["release", "description", "upstream", "stages", "assessment"]
 
 
 def test_plan_digest_ignores_order_of_sets():
@@ -616,6 +616,7 @@ def test_tiers_empty_mapping_admits_nobody():
     plan = example()
     plan["stages"][0]["tiers"] = {}
     plan["stages"][0]["exit_criteria"]["min_distinct_orgs_per_tier"] = {}
+    del plan["stages"][0]["fine_tuning"]  # names a tier, which must be admitted
 
     stage = parse_plan(plan).stages[0]
 
@@ -1313,7 +1314,7 @@ MAPPING_PATHS = [
 ]
 ALL_PATHS = [path for path, _ in EXAMPLE_NODES]
 # Objects that may be null (absent): null there is valid, not a wrong type.
-NULLABLE = {"screening", "classifier", "retain_flagged"}
+NULLABLE = {"screening", "classifier", "retain_flagged", "fine_tuning"}
 STAGE_COUNT = len(EXAMPLE["stages"])
 
 # Upper case: no schema object has such a key, and no category (a mapping's keys where
