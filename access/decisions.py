@@ -40,6 +40,7 @@ class Reason(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     CAPABILITY_NOT_ALLOWED = "capability_not_allowed"
     REQUEST_TOO_LARGE = "request_too_large"
+    MODEL_HELD = "model_held"
 
 
 # HTTP status per reason, chosen so the official openai client raises the exception
@@ -58,6 +59,7 @@ STATUS: dict[Reason, int] = {
     Reason.QUOTA_EXCEEDED: 429,
     Reason.CAPABILITY_NOT_ALLOWED: 403,
     Reason.REQUEST_TOO_LARGE: 400,
+    Reason.MODEL_HELD: 403,
 }
 
 # What the caller is told. A model its tier may not use is invisible: the answer is
@@ -108,6 +110,11 @@ class ReleaseEntry:
     plan_version: int
     created: int  # POSIX seconds, for /v1/models
     screen: Screen | None = None  # the stage's screening compiled (access.screening)
+    # A tuned model (tuning.models.TunedModel) is served as a release of its own: its
+    # parent's name (whose cohort it shares), and why it may not be called yet ("" when
+    # it may: assessed and passed, or released by reviewers).
+    parent: str | None = None
+    held: str = ""
 
     @property
     def stage_name(self) -> str:
@@ -192,7 +199,7 @@ def decide(
         org.tier not in stage.tiers
         or org.slug in stage.deny_orgs
         or (stage.allow_orgs is not None and org.slug not in stage.allow_orgs)
-        or not stage.in_cohort(release.name, org.slug)
+        or not stage.in_cohort(release.parent or release.name, org.slug)
     ):
         return Decision(Reason.MODEL_NOT_AVAILABLE, not_found_message(model), stage=stage_name)
 
@@ -216,6 +223,8 @@ def decide(
             stage=stage_name,
             limits=limits,
         )
+    if release.held:
+        return Decision(Reason.MODEL_HELD, release.held, tier=tier, stage=stage_name, limits=limits)
     if request.stream and not limits.streaming:
         return Decision(
             Reason.CAPABILITY_NOT_ALLOWED,

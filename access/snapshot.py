@@ -43,6 +43,7 @@ from monitoring.models import AuditEvent
 from rollout.models import Release, ReleaseState, RolloutPlan
 from rollout.plan_schema import StagePolicy
 from rollout.plans import plan_doc
+from tuning.models import TunedModel, TunedModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,79 @@ def _load_releases() -> dict[str, ReleaseEntry]:
             log.error("release %s has no plan stage %r", release.name, release.current_stage)
             continue  # not served: fail closed rather than guess a policy
         releases[release.name] = entry
+    for name, parent, org_slug, upstream_model, status, reason, created in (
+        TunedModel.objects.exclude(status=TunedModelStatus.REJECTED)
+        .filter(parent__name__in=list(releases))
+        .values_list(
+            "name",
+            "parent__name",
+            "organization__slug",
+            "upstream_model",
+            "status",
+            "held_reason",
+            "created_at",
+        )
+    ):
+        releases[name] = tuned_entry(
+            releases[parent],
+            name=name,
+            org_slug=org_slug,
+            upstream_model=upstream_model,
+            held=held_message(name, parent, status, reason),
+            created=int(created.timestamp()),
+        )
     return releases
+
+
+def held_message(name: str, parent: str, status: str, reason: str) -> str:
+    """Why the tuned model ``name`` may not be called yet; "" when it may."""
+    if status == TunedModelStatus.ACTIVE:
+        return ""
+    if status == TunedModelStatus.ASSESSING:
+        return (
+            f"'{name}' is being assessed against '{parent}' before its first use;"
+            " try again shortly."
+        )
+    return (
+        f"'{name}' is held for review: its safety assessment against '{parent}' failed"
+        f" ({reason or 'no reason recorded'}). It can be called once a reviewer releases it."
+    )
+
+
+def tuned_entry(
+    parent: ReleaseEntry,
+    *,
+    name: str,
+    org_slug: str,
+    upstream_model: str,
+    held: str,
+    created: int,
+) -> ReleaseEntry:
+    """A tuned model as the proxy serves it: its parent's current stage narrowed to its
+    organization and to the tiers that stage lets fine-tune (so it never opens wider
+    than the parent), the parent's state (paused with it), screening and upstream."""
+    stage = parent.stage
+    fine_tuning = stage.fine_tuning
+    tiers = {
+        tier: policy
+        for tier, policy in stage.tiers.items()
+        if fine_tuning is not None and tier in fine_tuning.tiers
+    }
+    allowed = (org_slug,) if stage.allow_orgs is None or org_slug in stage.allow_orgs else ()
+    narrowed = stage.model_copy(update={"tiers": tiers, "allow_orgs": allowed})
+    return ReleaseEntry(
+        name=name,
+        public_id=parent.public_id,
+        state=parent.state,
+        stage=narrowed,
+        upstream_base_url=parent.upstream_base_url,
+        upstream_model=upstream_model,
+        plan_version=parent.plan_version,
+        created=created,
+        screen=parent.screen,
+        parent=parent.name,
+        held=held,
+    )
 
 
 def load_snapshot() -> Snapshot:
@@ -226,6 +299,8 @@ NOT_DECIDED_FROM = frozenset(
         ObjectType.APPROVAL,
         ObjectType.INCIDENT,
         ObjectType.FLAGGED_SAMPLE,
+        ObjectType.TRAINING_FILE,
+        ObjectType.FINE_TUNING_JOB,
     }
 )
 MAX_INCREMENTAL_ROWS = 1000
@@ -259,7 +334,7 @@ def update_snapshot(snapshot: Snapshot) -> Snapshot | None:
             orgs.add(object_id)
         elif object_type is ObjectType.VERIFICATION:
             verifications.add(object_id)
-        elif object_type is ObjectType.RELEASE:
+        elif object_type in (ObjectType.RELEASE, ObjectType.TUNED_MODEL):
             releases = True
         elif object_type not in NOT_DECIDED_FROM:
             return None  # something new (or None, unknown): be safe

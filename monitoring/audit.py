@@ -48,6 +48,9 @@ class ObjectType(StrEnum):
     USER = "user"
     GROUP = "group"
     FLAGGED_SAMPLE = "flagged_sample"
+    TRAINING_FILE = "training_file"
+    FINE_TUNING_JOB = "fine_tuning_job"
+    TUNED_MODEL = "tuned_model"
 
     @classmethod
     def of_model(cls, model) -> ObjectType:

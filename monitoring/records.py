@@ -244,6 +244,7 @@ REASONS = CodeTable(
         20: "content_blocked",
         21: "screening_unavailable",
         22: "screening_requires_proxy",  # /authz for a stage that screens
+        23: "model_held",  # a tuned model awaiting its assessment or its reviewers
     },
     fallback=0,
 )

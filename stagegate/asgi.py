@@ -27,6 +27,9 @@ from stagegate.scheduler import scheduler_from_settings  # noqa: E402
 
 proxy = Proxy.from_settings()
 PROXY_PREFIXES = ("/v1/", "/authz", "/healthz", "/metrics")
+# OpenAI's files and fine-tuning routes read and write the database: Django's
+# (tuning.views), not the proxy's.
+DJANGO_V1_PREFIXES = ("/v1/files", "/v1/fine_tuning/")
 BODY_TIMEOUT = settings.STAGEGATE_BODY_TIMEOUT
 _BODY_LATE = f"The request body did not arrive within {BODY_TIMEOUT:g} s."
 # Django's 408, in the REST API's error shape; the connection is closed after it, since
@@ -79,7 +82,9 @@ async def application(scope, receive, send):
                 await asyncio.to_thread(scheduler.stop)
     elif scope["type"] != "http":
         await django_application(scope, receive, send)
-    elif scope["path"].startswith(PROXY_PREFIXES):
+    elif scope["path"].startswith(PROXY_PREFIXES) and not scope["path"].startswith(
+        DJANGO_V1_PREFIXES
+    ):
         await proxy(scope, BodyDeadline(receive, BODY_TIMEOUT, _proxy_body_late).receive, send)
     else:
         body = BodyDeadline(receive, BODY_TIMEOUT, BodyTimedOut)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
@@ -60,11 +62,40 @@ def registered_task(name: str):
     return app.tasks[name]
 
 
-def enqueue(task_name: str, **kwargs) -> None:
+_background: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def run_in_background(function, /, **kwargs) -> None:
+    """Run ``function(**kwargs)`` on this process's one background thread (embedded
+    mode's stand-in for a worker, for work too long for a request: a fine-tuning job's
+    screening and training), logging its failure."""
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagegate-bg")
+        pool = _background
+
+    def run() -> None:
+        from django.db import close_old_connections
+
+        close_old_connections()
+        try:
+            function(**kwargs)
+        except Exception:
+            log.exception("background task %s failed", getattr(function, "name", function))
+        finally:
+            close_old_connections()
+
+    pool.submit(run)
+
+
+def enqueue(task_name: str, *, background: bool = False, **kwargs) -> None:
     """Run the task registered as ``task_name`` with ``kwargs`` once the current
     transaction commits: on a Celery worker when Celery is the scheduler, otherwise
-    right here. If the broker cannot take it, it runs here too, so the work is not lost
-    with the message.
+    right here (or, with ``background``, on this process's background thread, so the
+    request that enqueued it is answered first). If the broker cannot take it, it runs
+    here too, so the work is not lost with the message.
 
     The task is named, as the schedule names its tasks, not imported: a service may
     enqueue work whose ``tasks`` module imports that service (``rollout.transitions``
@@ -81,6 +112,9 @@ def enqueue(task_name: str, **kwargs) -> None:
                 return
             except Exception:
                 log.exception("could not enqueue %s; running it in this process", task.name)
+        if background:
+            run_in_background(task, **kwargs)
+            return
         try:
             task(**kwargs)
         except Exception:

@@ -51,3 +51,28 @@ def new_approval_id() -> str:
 
 def new_incident_id() -> str:
     return new_public_id("inc")
+
+
+def _openai_style(prefix: str) -> str:
+    # OpenAI's shapes (``file-...``, ``ftjob-...``): clients and tools match on them.
+    return f"{prefix}-" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+
+
+def new_file_id() -> str:
+    return _openai_style("file")
+
+
+def new_job_id() -> str:
+    return _openai_style("ftjob")
+
+
+def new_job_event_id() -> str:
+    return _openai_style("ftevent")
+
+
+def new_tuned_model_id() -> str:
+    return new_public_id("ftm")
+
+
+def new_tuning_decision_id() -> str:
+    return new_public_id("ftd")

@@ -22,6 +22,7 @@ def schedule() -> tuple[Periodic, ...]:
         Periodic("stagegate.review_releases", settings.STAGEGATE_REVIEW_INTERVAL),
         Periodic("stagegate.expire_verifications", 3600),
         Periodic("stagegate.delete_expired_samples", 3600),
+        Periodic("stagegate.advance_fine_tuning_jobs", settings.STAGEGATE_FINE_TUNING_SWEEP),
         Periodic(
             "stagegate.publish_audit_checkpoint", settings.STAGEGATE_AUDIT_CHECKPOINT_INTERVAL
         ),

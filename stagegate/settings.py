@@ -63,6 +63,7 @@ INSTALLED_APPS = [
     "access",
     "rollout",
     "console",
+    "tuning",
 ]
 
 MIDDLEWARE = [
@@ -346,6 +347,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 STAGEGATE_REVIEW_INTERVAL = env_int("STAGEGATE_REVIEW_INTERVAL", 24 * 3600, minimum=60)
 STAGEGATE_TRIPWIRE_INTERVAL = env_int("STAGEGATE_TRIPWIRE_INTERVAL", 60, minimum=1)
 STAGEGATE_ROLLUP_INTERVAL = env_int("STAGEGATE_ROLLUP_INTERVAL", 60, minimum=1)
+# Seconds between sweeps of fine-tuning jobs with something to do (tuning.runner).
+STAGEGATE_FINE_TUNING_SWEEP = env_int("STAGEGATE_FINE_TUNING_SWEEP", 10, minimum=1)
+# The largest training file accepted by POST /v1/files, in bytes (the plan's
+# fine_tuning.max_bytes then limits each tier).
+STAGEGATE_MAX_TRAINING_FILE_BYTES = env_int(
+    "STAGEGATE_MAX_TRAINING_FILE_BYTES", 64 * 1024 * 1024, minimum=1024
+)
 # Telemetry rolled up longer ago than this is stale: no criterion passes on it.
 STAGEGATE_TELEMETRY_MAX_STALENESS = env_int(
     "STAGEGATE_TELEMETRY_MAX_STALENESS", 15 * 60, minimum=60

@@ -7,7 +7,16 @@ from drf_spectacular.views import (
     SpectacularSwaggerSplitView,
 )
 
+from tuning import views as tuning
+
 urlpatterns = [
+    # OpenAI's files and fine-tuning routes (the proxy serves the rest of /v1/).
+    path("v1/files", tuning.files),
+    path("v1/files/<str:file_id>", tuning.file_detail),
+    path("v1/fine_tuning/jobs", tuning.jobs),
+    path("v1/fine_tuning/jobs/<str:job_id>", tuning.job_detail),
+    path("v1/fine_tuning/jobs/<str:job_id>/cancel", tuning.job_cancel),
+    path("v1/fine_tuning/jobs/<str:job_id>/events", tuning.job_events),
     path("", RedirectView.as_view(url="/console/", permanent=False)),
     path("console/", include("console.urls")),
     path("admin/", admin.site.urls),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-PACKAGES = ("access", "console", "monitoring", "rollout", "stagegate")
+PACKAGES = ("access", "console", "monitoring", "rollout", "stagegate", "tuning")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -267,10 +267,11 @@ async def take_limit(
 ) -> LimitResult:
     """Count the call against its organization's ``limits`` on ``release`` (the
     decision's unless given: a routed call's are its fallback's), reserving ``tokens``;
-    a 503 if the limits cannot be reached (never admit without them)."""
+    a 503 if the limits cannot be reached (never admit without them). A tuned model's
+    calls count against its parent's limits: tuning more models buys no more."""
     try:
         return await limiter.acquire(
-            f"{release.name}:{call.org.public_id}",
+            f"{release.parent or release.name}:{call.org.public_id}",
             limits or call.decision.limits,
             tokens,
             time.time(),
