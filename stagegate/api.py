@@ -11,6 +11,7 @@ Every error response body is::
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
-from django.http import Http404, HttpResponseNotFound, JsonResponse
+from django.http import Http404, HttpResponse, HttpResponseNotFound, JsonResponse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.response import Response
@@ -237,6 +238,21 @@ def _error_response(code: str, message: str, status: int, details: Any = None) -
     return JsonResponse(error_body(code, message, details), status=status)
 
 
+OPENAI_PREFIX = "/v1/"
+
+
+def _openai_not_found(path: str) -> HttpResponse:
+    body = {
+        "error": {
+            "message": "No such route or object.",
+            "type": "not_found_error",
+            "param": None,
+            "code": "not_found",
+        }
+    }
+    return HttpResponse(json.dumps(body), status=404, content_type="application/json")
+
+
 class ApiEdgeMiddleware:
     """What reaches ``/api/`` without passing through a DRF view gets the error shape too.
 
@@ -257,7 +273,17 @@ class ApiEdgeMiddleware:
         if CONTROL_CHARACTERS.search(request.path):  # no route of any app has one
             if request.path.startswith(API_PREFIX):
                 return _error_response("not_found", str(exceptions.NotFound.default_detail), 404)
+            if request.path.startswith(OPENAI_PREFIX):
+                return _openai_not_found(request.path)
             return HttpResponseNotFound("Not found.", content_type="text/plain")
+        if request.path.startswith(OPENAI_PREFIX):
+            # OpenAI's files and fine-tuning routes (tuning.views): their own error shape.
+            response = self.get_response(request)
+            if response.status_code == 404 and not response.get("Content-Type", "").startswith(
+                "application/json"
+            ):
+                return _openai_not_found(request.path)
+            return response
         if not request.path.startswith(API_PREFIX):
             return self.get_response(request)
         refused = sorted(

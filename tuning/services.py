@@ -25,6 +25,7 @@ from access.models import ApiKey
 from access.snapshot import load_key, load_org, load_releases
 from monitoring import audit
 from monitoring.audit import ObjectType
+from monitoring.redaction import redact_secrets
 from rollout.models import Release
 from stagegate.celery import enqueue
 from stagegate.errors import Refused
@@ -132,7 +133,7 @@ def upload_file(*, caller: Caller, filename: str, purpose: str, data: bytes) -> 
 
 
 def _clean_filename(name: str) -> str:
-    cleaned = "".join(ch for ch in name if ch.isprintable())[:255]
+    cleaned = redact_secrets("".join(ch for ch in name if ch.isprintable()))[:255]
     return cleaned or "training.jsonl"
 
 
@@ -344,9 +345,7 @@ def _decide(*, job: FineTuningJob, subject: str, reviewer, verdict: str, comment
                 raise Refused("not_held", "This job's tuned model is not awaiting review.")
             needed = tuned.approvals_needed
         if TuningDecision.objects.filter(job=job, subject=subject, reviewer=reviewer).exists():
-            raise Refused(
-                "already_decided", "You already decided on this; another reviewer must."
-            )
+            raise Refused("already_decided", "You already decided on this; another reviewer must.")
         decision = TuningDecision.objects.create(
             job=job, subject=subject, reviewer=reviewer, verdict=verdict, comment=comment
         )

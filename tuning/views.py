@@ -26,6 +26,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
 from access.proxy.common import error_body
+from monitoring.redaction import redact_secrets
 from stagegate.errors import Refused
 from tuning import services
 from tuning.models import FineTuningJob, JobStatus, TrainingFile, TunedModel
@@ -41,8 +42,11 @@ def _json(status: int, body: Any) -> HttpResponse:
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> HttpResponse:
+    # A message may quote what the caller sent (an id): never an API key's secret.
     return HttpResponse(
-        error_body(status, code, message, param), status=status, content_type="application/json"
+        error_body(status, code, redact_secrets(message), param),
+        status=status,
+        content_type="application/json",
     )
 
 
@@ -186,9 +190,9 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
 @_route("GET", "POST")
 def files(request: HttpRequest, caller: services.Caller) -> HttpResponse:
     if request.method == "GET":
-        rows = TrainingFile.objects.filter(
-            organization_id=caller.api_key.organization_id
-        ).defer("content")[: _limit(request)]
+        rows = TrainingFile.objects.filter(organization_id=caller.api_key.organization_id).defer(
+            "content"
+        )[: _limit(request)]
         return _json(200, {"object": "list", "data": [file_object(f) for f in rows]})
     declared = request.META.get("CONTENT_LENGTH") or "0"
     maximum = settings.STAGEGATE_MAX_TRAINING_FILE_BYTES

@@ -475,7 +475,8 @@ def _change_silently(spelling: str, northwind, acme, release) -> str:
         verification = northwind.verifications.get()
         Verification.objects.filter(pk=verification.pk).update(status=VerificationStatus.REVOKED)
         return verification.public_id
-    if object_type is ObjectType.RELEASE:
+    if object_type in (ObjectType.RELEASE, ObjectType.TUNED_MODEL):
+        # A tuned model's row reloads the releases, tuned models served with them.
         Release.objects.filter(pk=release.pk).update(state=ReleaseState.PAUSED)
         return release.public_id
     return "obj_1"  # a kind no decision reads: nothing to change
