@@ -53,6 +53,8 @@ _LABELS = {
     "max_flag_rate": "flag rate",
     "max_error_rate": "error rate",
     "max_confirmed_flag_rate": "confirmed flag rate",
+    "max_held_dataset_rate": "held dataset rate",
+    "max_failed_assessment_rate": "failed assessment rate",
     "no_open_incident": "no open incident",
     "approvals": "approvals",
 }

@@ -14,6 +14,11 @@ Two rules carry the safety of the whole thing:
   clean requests cannot pass ``max_error_rate`` or ``max_flag_rate`` by luck. Tripwires,
   which act without a human, use the point rate over their window and a minimum volume,
   as the plan schema documents.
+- **Fine-tuning rates are the exception: judged by the observed rate.** A stage sees a
+  handful of training datasets and tuned models; a bound over so few would forbid
+  advancing after any clean run a stage is likely to see (five clean datasets still
+  bound the held rate at 43%), and every held dataset and failed tuned model is itself
+  in front of reviewers already.
 
 All datetimes must be timezone-aware; a naive one is a ``ValueError``.
 """
@@ -58,6 +63,13 @@ class Telemetry:
     sample awaits a decision; ``confirmed`` is ``None`` when the stage keeps no samples
     (``screening.retain_flagged`` off), so there is nothing to judge. Inconsistent
     numbers are a ``ValueError`` here rather than a wrong verdict later.
+
+    Fine-tuning in the stage (``tuning.telemetry``): ``datasets_screened`` counts the
+    training datasets screened, ``datasets_held`` and ``datasets_rejected`` those whose
+    verdict was hold or reject (together at most ``datasets_screened``);
+    ``assessments`` counts the assessments of tuned models and ``assessments_failed``
+    those that failed (at most ``assessments``). All default to 0, a stage without
+    fine-tuning.
     """
 
     requests: int
@@ -69,9 +81,25 @@ class Telemetry:
     flagged_by_category: Mapping[str, int] = field(default_factory=dict)
     confirmed: int | None = None
     pending: int = 0
+    datasets_screened: int = 0
+    datasets_held: int = 0
+    datasets_rejected: int = 0
+    assessments: int = 0
+    assessments_failed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("requests", "errors", "flagged", "distinct_orgs", "pending"):
+        for name in (
+            "requests",
+            "errors",
+            "flagged",
+            "distinct_orgs",
+            "pending",
+            "datasets_screened",
+            "datasets_held",
+            "datasets_rejected",
+            "assessments",
+            "assessments_failed",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"Telemetry.{name} must be >= 0, got {getattr(self, name)}")
         if self.confirmed is not None and self.confirmed < 0:
@@ -81,6 +109,16 @@ class Telemetry:
         if self.flagged > self.requests:
             raise ValueError(
                 f"Telemetry.flagged ({self.flagged}) exceeds requests ({self.requests})"
+            )
+        if self.datasets_held + self.datasets_rejected > self.datasets_screened:
+            raise ValueError(
+                f"Telemetry.datasets_held ({self.datasets_held}) plus datasets_rejected"
+                f" ({self.datasets_rejected}) exceed datasets_screened ({self.datasets_screened})"
+            )
+        if self.assessments_failed > self.assessments:
+            raise ValueError(
+                f"Telemetry.assessments_failed ({self.assessments_failed}) exceeds"
+                f" assessments ({self.assessments})"
             )
         for tier, count in self.orgs_by_tier.items():
             if count < 0:
@@ -223,7 +261,8 @@ def evaluate_exit(
     ``min_requests``, ``min_distinct_orgs``, one ``min_distinct_orgs:<tier>`` per entry of
     ``min_distinct_orgs_per_tier`` (in ``TIERS`` order), ``max_flag_rate``, one
     ``max_flag_rate:<category>`` per entry of ``max_flag_rate_by_category`` (sorted),
-    ``max_error_rate``, ``max_confirmed_flag_rate`` (when the plan sets it),
+    ``max_error_rate``, ``max_confirmed_flag_rate``, ``max_held_dataset_rate``,
+    ``max_failed_assessment_rate`` (each of these three when the plan sets it),
     ``no_open_incident``, ``approvals``.
 
     - Days in stage are observed truncated to hundredths of a day and pass when that value
@@ -235,6 +274,11 @@ def evaluate_exit(
       admitted requests. It fails while a flagged request of the period still awaits a
       reviewer's decision (unreviewed evidence does not pass, as missing telemetry does
       not), and when the stage keeps no samples to review (``telemetry.confirmed`` None).
+    - ``max_held_dataset_rate`` judges the datasets screening held or rejected over the
+      datasets screened, ``max_failed_assessment_rate`` the failed assessments over the
+      assessments: by the observed rate, not a bound (module docstring), passing at or
+      below the maximum. With nothing screened (or assessed) in the stage they pass,
+      with ``observed`` 0.0, and say so.
     - ``no_open_incident`` fails when an incident of ``stage`` at or above
       ``block_on_incident_severity`` is open; incidents of other stages do not count.
     - Every telemetry-based criterion fails, with ``observed=None``, when ``telemetry``
@@ -277,9 +321,13 @@ def _telemetry_thresholds(criteria: ExitCriteria) -> list[tuple[str, float | int
         ),
         ("max_error_rate", criteria.max_error_rate),
         *(
-            [("max_confirmed_flag_rate", criteria.max_confirmed_flag_rate)]
-            if criteria.max_confirmed_flag_rate is not None
-            else []
+            (name, maximum)
+            for name, maximum in (
+                ("max_confirmed_flag_rate", criteria.max_confirmed_flag_rate),
+                ("max_held_dataset_rate", criteria.max_held_dataset_rate),
+                ("max_failed_assessment_rate", criteria.max_failed_assessment_rate),
+            )
+            if maximum is not None
         ),
     ]
 
@@ -329,6 +377,31 @@ def _telemetry_criteria(criteria: ExitCriteria, telemetry: Telemetry) -> list[Cr
     )
     if criteria.max_confirmed_flag_rate is not None:
         results.append(_confirmed_rate(criteria.max_confirmed_flag_rate, telemetry))
+    if criteria.max_held_dataset_rate is not None:
+        held, rejected = telemetry.datasets_held, telemetry.datasets_rejected
+        results.append(
+            _observed_rate_at_most(
+                "max_held_dataset_rate",
+                "held dataset rate",
+                held + rejected,
+                telemetry.datasets_screened,
+                criteria.max_held_dataset_rate,
+                counted=f"screened datasets held or rejected: {held} held, {rejected} rejected",
+                nothing="no datasets screened in this stage",
+            )
+        )
+    if criteria.max_failed_assessment_rate is not None:
+        results.append(
+            _observed_rate_at_most(
+                "max_failed_assessment_rate",
+                "failed assessment rate",
+                telemetry.assessments_failed,
+                telemetry.assessments,
+                criteria.max_failed_assessment_rate,
+                counted="tuned model assessments failed",
+                nothing="no tuned models assessed in this stage",
+            )
+        )
     return results
 
 
@@ -391,6 +464,32 @@ def _rate_at_most(
         f" is {verdict} the {_percent(maximum)} maximum"
     )
     return CriterionResult(name, bound, maximum, passed, explanation)
+
+
+def _observed_rate_at_most(
+    name: str,
+    label: str,
+    events: int,
+    trials: int,
+    maximum: float,
+    *,
+    counted: str,
+    nothing: str,
+) -> CriterionResult:
+    """A rate judged by its observed value (fine-tuning: module docstring). ``counted``
+    says what ``events`` are, after "N of M"; ``nothing`` is the whole explanation when
+    there were no ``trials``."""
+    if not trials:
+        # Nothing was screened, so nothing was held: as a tripwire reads an empty window.
+        return CriterionResult(name, 0.0, maximum, True, nothing)
+    rate = events / trials
+    passed = rate <= maximum
+    verdict = "within" if passed else "above"
+    explanation = (
+        f"{label} {_percent(rate)} observed ({events} of {trials} {counted})"
+        f" is {verdict} the {_percent(maximum)} maximum"
+    )
+    return CriterionResult(name, rate, maximum, passed, explanation)
 
 
 def _no_open_incident(

@@ -4,14 +4,16 @@ incidents and tripwires, and store the verdict as an immutable ``Review``.
 ``evaluate`` is read-only and shared with the tripwire check and the console;
 ``create_review`` stores one review with its audit row. Reviews read rollups
 (``monitoring.rollups``), never raw usage events, so a review costs the same at a
-thousand events or a billion; and the flagged samples kept for human review
-(``monitoring.flags``), counted by status, for the confirmed flag rate.
+thousand events or a billion; the flagged samples kept for human review
+(``monitoring.flags``), counted by status, for the confirmed flag rate; and the
+fine-tuning of the stage (``tuning.telemetry``: datasets screened and held, jobs,
+assessments), for the held dataset and failed assessment rates.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -35,6 +37,7 @@ from rollout.models import (
 from rollout.plan_schema import RolloutPlanDoc, StagePolicy
 from rollout.plans import plan_doc
 from stagegate.errors import Refused
+from tuning.telemetry import FineTuningCounts, fine_tuning_counts
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,24 @@ class Evaluation:
     recommendation: criteria.Recommendation
     summary: str
     now: datetime
+    # Datasets, jobs and assessments of the stage's stint (tuning.telemetry).
+    fine_tuning: FineTuningCounts = field(default_factory=FineTuningCounts)
 
 
 def max_staleness() -> timedelta:
     return timedelta(seconds=settings.STAGEGATE_TELEMETRY_MAX_STALENESS)
 
 
-def as_telemetry(totals: Totals, samples: SampleCounts | None = None) -> criteria.Telemetry:
+def as_telemetry(
+    totals: Totals,
+    samples: SampleCounts | None = None,
+    fine_tuning: FineTuningCounts | None = None,
+) -> criteria.Telemetry:
     """The criteria's view of rolled-up totals: admitted traffic only; with the flagged
     samples' counts when the stage keeps samples (``samples``), else no confirmed
-    count to judge."""
+    count to judge; with the stage's fine-tuning counts (``fine_tuning``, none when
+    absent)."""
+    fine_tuning = fine_tuning or FineTuningCounts()
     return criteria.Telemetry(
         requests=totals.allowed,
         errors=totals.errors,
@@ -74,6 +85,11 @@ def as_telemetry(totals: Totals, samples: SampleCounts | None = None) -> criteri
         flagged_by_category=totals.flagged_by_category,
         confirmed=None if samples is None else samples.confirmed_requests,
         pending=0 if samples is None else samples.pending_requests,
+        datasets_screened=fine_tuning.datasets_screened,
+        datasets_held=fine_tuning.datasets_held,
+        datasets_rejected=fine_tuning.datasets_rejected,
+        assessments=fine_tuning.assessments,
+        assessments_failed=fine_tuning.assessments_failed,
     )
 
 
@@ -94,9 +110,14 @@ def stage_samples(release: Release, stage: StagePolicy, totals: Totals) -> Sampl
     )
 
 
-def totals_dict(totals: Totals, samples: SampleCounts | None = None) -> dict:
-    """Totals as stored on a review (JSON-ready), with screening's flags by category
-    and the flagged samples by status (``samples``: pending, confirmed, dismissed)."""
+def totals_dict(
+    totals: Totals,
+    samples: SampleCounts | None = None,
+    fine_tuning: FineTuningCounts | None = None,
+) -> dict:
+    """Totals as stored on a review (JSON-ready), with screening's flags by category,
+    the flagged samples by status (``samples``: pending, confirmed, dismissed) and the
+    stage's fine-tuning (``fine_tuning``: ``FineTuningCounts.as_dict``)."""
     return {
         "since": totals.since.isoformat(),
         "until": totals.until.isoformat(),
@@ -113,6 +134,7 @@ def totals_dict(totals: Totals, samples: SampleCounts | None = None) -> dict:
         "flagged_by_category": dict(totals.flagged_by_category),
         "denied_by_category": dict(totals.denied_by_category),
         "samples": (samples or SampleCounts()).as_dict(),
+        "fine_tuning": (fine_tuning or FineTuningCounts()).as_dict(),
     }
 
 
@@ -198,12 +220,16 @@ def evaluate(release: Release, *, now: datetime | None = None) -> Evaluation:
         release=release.name, stage=stage.name, since=release.stage_entered_at, until=now
     )
     samples = stage_samples(release, stage, totals)
+    # Read live, not rolled up: up to now, so a job screened this minute counts at once.
+    fine_tuning = fine_tuning_counts(
+        release=release.name, stage=stage.name, since=release.stage_entered_at, until=now
+    )
     incidents = open_incidents(release)
     results: list[criteria.CriterionResult] = []
     if stage.exit_criteria is not None:
         results = criteria.evaluate_exit(
             stage.exit_criteria,
-            telemetry=as_telemetry(totals, samples if keeps_samples(stage) else None),
+            telemetry=as_telemetry(totals, samples if keeps_samples(stage) else None, fine_tuning),
             stage=stage.name,
             stage_entered_at=release.stage_entered_at,
             now=now,
@@ -227,6 +253,7 @@ def evaluate(release: Release, *, now: datetime | None = None) -> Evaluation:
         recommendation=recommendation,
         summary=summary,
         now=now,
+        fine_tuning=fine_tuning,
     )
 
 
@@ -266,7 +293,7 @@ def create_review(
             summary=evaluation.summary[:500],
             criteria=[result.as_dict() for result in evaluation.criteria],
             tripwires=[result.as_dict() for result in evaluation.tripwires],
-            telemetry=totals_dict(evaluation.totals, evaluation.samples),
+            telemetry=totals_dict(evaluation.totals, evaluation.samples, evaluation.fine_tuning),
             approvals_needed=stage.exit_criteria.approvals_needed if stage.exit_criteria else 0,
             trigger=trigger,
             requested_by=requested_by if getattr(requested_by, "pk", None) else None,

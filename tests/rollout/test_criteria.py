@@ -623,6 +623,145 @@ def test_max_confirmed_flag_rate_never_reads_more_confirmed_than_requests_as_abo
     assert (item.observed, item.passed) == (1.0, False)
 
 
+# --- fine-tuning: judged by the observed rate -----------------------------------------------
+
+FINE_TUNING = {"max_held_dataset_rate": 0.2, "max_failed_assessment_rate": 0.25}
+
+
+def test_fine_tuning_criteria_come_after_the_confirmed_rate_in_order():
+    criteria = make_criteria(max_confirmed_flag_rate=0.01, **FINE_TUNING)
+    names = [item.name for item in judge(criteria, telemetry=make_telemetry(confirmed=0))]
+    assert names[-5:] == [
+        "max_confirmed_flag_rate",
+        "max_held_dataset_rate",
+        "max_failed_assessment_rate",
+        "no_open_incident",
+        "approvals",
+    ]
+
+
+def test_fine_tuning_criteria_absent_from_the_plan_are_not_judged():
+    names = [item.name for item in judge(make_criteria(max_held_dataset_rate=0.1))]
+    assert [name for name in names if "dataset" in name or "assessment" in name] == [
+        "max_held_dataset_rate"
+    ]
+
+
+def test_max_held_dataset_rate_at_the_maximum_passes_on_the_observed_rate():
+    telemetry = make_telemetry(datasets_screened=10, datasets_held=1, datasets_rejected=1)
+    item = result(judge(make_criteria(**FINE_TUNING), telemetry=telemetry), "max_held_dataset_rate")
+    assert item == CriterionResult(
+        "max_held_dataset_rate",
+        0.2,
+        0.2,
+        True,
+        "held dataset rate 20.0% observed (2 of 10 screened datasets held or rejected:"
+        " 1 held, 1 rejected) is within the 20.0% maximum",
+    )
+
+
+def test_max_held_dataset_rate_above_the_maximum_fails():
+    telemetry = make_telemetry(datasets_screened=8, datasets_held=1, datasets_rejected=2)
+    item = result(judge(make_criteria(**FINE_TUNING), telemetry=telemetry), "max_held_dataset_rate")
+    assert (item.observed, item.passed) == (0.375, False)
+    assert item.explanation == (
+        "held dataset rate 37.5% observed (3 of 8 screened datasets held or rejected:"
+        " 1 held, 2 rejected) is above the 20.0% maximum"
+    )
+
+
+def test_max_held_dataset_rate_few_clean_datasets_pass_where_a_bound_would_not():
+    # Three clean datasets: the 95% upper bound (56%) is far above a 10% maximum, but the
+    # stage has seen nothing held; a bound would hold the release however clean it ran.
+    telemetry = make_telemetry(datasets_screened=3)
+    item = result(
+        judge(make_criteria(max_held_dataset_rate=0.1), telemetry=telemetry),
+        "max_held_dataset_rate",
+    )
+    assert wilson_upper_bound(0, 3) > 0.5
+    assert (item.observed, item.passed) == (0.0, True)
+
+
+def test_max_held_dataset_rate_without_screened_datasets_passes_and_says_so():
+    item = result(judge(make_criteria(**FINE_TUNING)), "max_held_dataset_rate")
+    assert item == CriterionResult(
+        "max_held_dataset_rate", 0.0, 0.2, True, "no datasets screened in this stage"
+    )
+
+
+def test_max_failed_assessment_rate_judges_failed_over_assessments():
+    criteria = make_criteria(**FINE_TUNING)
+    passing = result(
+        judge(criteria, telemetry=make_telemetry(assessments=4, assessments_failed=1)),
+        "max_failed_assessment_rate",
+    )
+    failing = result(
+        judge(criteria, telemetry=make_telemetry(assessments=3, assessments_failed=1)),
+        "max_failed_assessment_rate",
+    )
+    assert (passing.observed, passing.threshold, passing.passed) == (0.25, 0.25, True)
+    assert passing.explanation == (
+        "failed assessment rate 25.0% observed (1 of 4 tuned model assessments failed)"
+        " is within the 25.0% maximum"
+    )
+    assert (failing.observed, failing.passed) == (pytest.approx(1 / 3), False)
+    assert failing.explanation == (
+        "failed assessment rate 33.33% observed (1 of 3 tuned model assessments failed)"
+        " is above the 25.0% maximum"
+    )
+
+
+def test_max_failed_assessment_rate_without_assessments_passes_and_says_so():
+    item = result(judge(make_criteria(**FINE_TUNING)), "max_failed_assessment_rate")
+    assert item == CriterionResult(
+        "max_failed_assessment_rate", 0.0, 0.25, True, "no tuned models assessed in this stage"
+    )
+
+
+def test_fine_tuning_criteria_without_telemetry_fail_like_every_telemetry_criterion():
+    results = judge(make_criteria(**FINE_TUNING), telemetry=None)
+    assert [
+        (item.name, item.observed, item.threshold, item.passed, item.explanation)
+        for item in results
+        if item.name in FINE_TUNING
+    ] == [
+        ("max_held_dataset_rate", None, 0.2, False, "no telemetry rolled up yet"),
+        ("max_failed_assessment_rate", None, 0.25, False, "no telemetry rolled up yet"),
+    ]
+
+
+def test_fine_tuning_failures_hold_the_release():
+    telemetry = make_telemetry(datasets_screened=2, datasets_held=1)
+    recommendation, summary = recommend(
+        judge(make_criteria(**FINE_TUNING), telemetry=telemetry), [], has_next_stage=True
+    )
+    assert (recommendation, summary) == (
+        Recommendation.HOLD,
+        "exit criteria not met: max_held_dataset_rate",
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"datasets_screened": -1}, r"Telemetry\.datasets_screened must be >= 0"),
+        ({"assessments_failed": -1}, r"Telemetry\.assessments_failed must be >= 0"),
+        (
+            {"datasets_screened": 2, "datasets_held": 2, "datasets_rejected": 1},
+            r"Telemetry\.datasets_held \(2\) plus datasets_rejected \(1\) exceed"
+            r" datasets_screened \(2\)",
+        ),
+        (
+            {"assessments": 1, "assessments_failed": 2},
+            r"Telemetry\.assessments_failed \(2\) exceeds assessments \(1\)",
+        ),
+    ],
+)
+def test_telemetry_inconsistent_fine_tuning_counts_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_telemetry(**overrides)
+
+
 def test_category_criteria_without_telemetry_fail_by_name():
     criteria = make_criteria(max_flag_rate_by_category={"cyber": 0.1}, max_confirmed_flag_rate=0.1)
     results = judge(criteria, telemetry=None)

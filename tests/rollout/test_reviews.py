@@ -20,8 +20,9 @@ from rollout import transitions
 from rollout.models import Release, Review
 from rollout.plans import apply_plan
 from rollout.reviews import create_review, review_releases
-from tests.factories import flag_sample, traffic
+from tests.factories import flag_sample, make_org, traffic
 from tests.rollout.mini_cast import PARTNERS, PLAN, healthy_traffic, results, review_now
+from tuning.models import Assessment, FineTuningJob, TrainingFile, TunedModel
 
 
 def test_review_without_traffic_recommends_hold(mini):
@@ -309,3 +310,147 @@ def test_review_category_tripwire_fires_on_its_own_category(screened):
     assert (spike["fired"], spike["observed"]) == (True, 0.25)
     assert spike["explanation"].startswith("fired: cyber flag rate 25.0% (25 of 100)")
     assert review.recommendation == "rollback"
+
+
+# --- fine-tuning: held datasets and failed assessments of the stage --------------------------
+
+# atlas-mini's first stage with both fine-tuning criteria.
+FINE_TUNED = PLAN.replace(
+    "      block_on_incident_severity: high\n",
+    "      block_on_incident_severity: high\n"
+    "      max_held_dataset_rate: 0.25\n"
+    "      max_failed_assessment_rate: 0.2\n",
+    1,
+)
+
+
+@pytest.fixture
+def fine_tuned(mini, ada):
+    apply_plan(FINE_TUNED, actor=ada)
+    mini.refresh_from_db()
+    return mini
+
+
+@pytest.fixture
+def partners(db):
+    return [make_org(slug, tier) for slug, tier in sorted(PARTNERS.items())]
+
+
+def fine_tuning_job(release, org, *, stage, verdict="", at=None) -> FineTuningJob:
+    """A job of ``org`` in ``stage`` created and screened (``verdict``, "" for not yet)
+    at ``at``; as tests/tuning/test_telemetry.py makes them."""
+    at = at or timezone.now() - timedelta(hours=1)
+    training = TrainingFile.objects.create(
+        organization=org, filename="train.jsonl", bytes=2, rows=1, sha256="0" * 64, content=b"{}"
+    )
+    job = FineTuningJob.objects.create(
+        organization=org,
+        release=release,
+        stage=stage,
+        tier=org.tier,
+        plan_version=1,
+        training_file=training,
+        seed=7,
+        verdict=verdict,
+        screened_at=at if verdict else None,
+    )
+    FineTuningJob.objects.filter(pk=job.pk).update(created_at=at)
+    return job
+
+
+def assess(job: FineTuningJob, *, passed: bool) -> Assessment:
+    tuned = TunedModel.objects.create(
+        name=f"ft:{job.release.name}:{job.organization.slug}:t:{job.public_id[-8:]}",
+        job=job,
+        organization=job.organization,
+        parent=job.release,
+        upstream_model="ft:upstream",
+    )
+    return Assessment.objects.create(
+        tuned_model=tuned,
+        release=job.release,
+        stage=job.stage,
+        tier=job.tier,
+        organization=job.organization,
+        plan_version=1,
+        passed=passed,
+    )
+
+
+def criterion(review: Review, name: str) -> dict:
+    (found,) = [result for result in review.criteria if result["name"] == name]
+    return found
+
+
+def test_review_without_fine_tuning_passes_the_fine_tuning_criteria(fine_tuned):
+    healthy_traffic(fine_tuned)
+
+    review = review_now(fine_tuned)
+
+    assert review.recommendation == "advance"
+    assert criterion(review, "max_held_dataset_rate") == {
+        "name": "max_held_dataset_rate",
+        "observed": 0.0,
+        "threshold": 0.25,
+        "passed": True,
+        "explanation": "no datasets screened in this stage",
+    }
+    assert criterion(review, "max_failed_assessment_rate")["explanation"] == (
+        "no tuned models assessed in this stage"
+    )
+    assert review.telemetry["fine_tuning"]["by_tier_org"] == []
+
+
+def test_review_fails_on_held_datasets_and_failed_assessments_of_the_stage(
+    fine_tuned, partners, ada
+):
+    healthy_traffic(fine_tuned)
+    meridian, northwind = partners
+    stage = fine_tuned.current_stage
+    accepted = fine_tuning_job(fine_tuned, northwind, stage=stage, verdict="accept")
+    fine_tuning_job(fine_tuned, northwind, stage=stage, verdict="hold")
+    fine_tuning_job(fine_tuned, northwind, stage=stage)  # not screened yet
+    fine_tuning_job(fine_tuned, meridian, stage=stage, verdict="reject")
+    filtered = fine_tuning_job(fine_tuned, meridian, stage=stage, verdict="accept_filtered")
+    assess(accepted, passed=True)
+    assess(filtered, passed=False)
+    # Neither counts: held before the release entered the stage, held in another stage.
+    before = fine_tuned.stage_entered_at - timedelta(minutes=1)
+    fine_tuning_job(fine_tuned, meridian, stage=stage, verdict="hold", at=before)
+    fine_tuning_job(fine_tuned, meridian, stage="commercial", verdict="hold")
+
+    review = review_now(fine_tuned)
+
+    assert review.recommendation == "hold"
+    assert review.summary == (
+        "exit criteria not met: max_held_dataset_rate, max_failed_assessment_rate"
+    )
+    assert criterion(review, "max_held_dataset_rate") == {
+        "name": "max_held_dataset_rate",
+        "observed": 0.5,
+        "threshold": 0.25,
+        "passed": False,
+        "explanation": "held dataset rate 50.0% observed (2 of 4 screened datasets held or"
+        " rejected: 1 held, 1 rejected) is above the 25.0% maximum",
+    }
+    assert criterion(review, "max_failed_assessment_rate") == {
+        "name": "max_failed_assessment_rate",
+        "observed": 0.5,
+        "threshold": 0.2,
+        "passed": False,
+        "explanation": "failed assessment rate 50.0% observed (1 of 2 tuned model assessments"
+        " failed) is above the 20.0% maximum",
+    }
+    stored = review.telemetry["fine_tuning"]
+    assert {key: value for key, value in stored.items() if key != "by_tier_org"} == {
+        "datasets_screened": 4,
+        "datasets_held": 1,
+        "datasets_rejected": 1,
+        "jobs_created": 5,
+        "assessments": 2,
+        "assessments_failed": 1,
+    }
+    assert [
+        (row["organization_slug"], row["datasets_screened"], row["assessments_failed"])
+        for row in stored["by_tier_org"]
+    ] == [("meridian-lab", 2, 1), ("northwind-research", 2, 0)]
