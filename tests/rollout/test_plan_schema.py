@@ -50,6 +50,9 @@ DEMO_ORGS = {
 }
 
 CUSTOM_CODES = {
+    "assessment_required",
+    "assessment_cannot_pass",
+    "duplicate_tier",
     "empty_allow_list",
     "duplicate_org",
     "org_allowed_and_denied",
@@ -1314,7 +1317,13 @@ MAPPING_PATHS = [
 ]
 ALL_PATHS = [path for path, _ in EXAMPLE_NODES]
 # Objects that may be null (absent): null there is valid, not a wrong type.
-NULLABLE = {"screening", "classifier", "retain_flagged", "fine_tuning"}
+NULLABLE = {
+    "screening",
+    "classifier",
+    "retain_flagged",
+    "fine_tuning",
+    "max_confirmed_flag_rate",
+}
 STAGE_COUNT = len(EXAMPLE["stages"])
 
 # Upper case: no schema object has such a key, and no category (a mapping's keys where
@@ -1492,3 +1501,100 @@ def test_non_string_keys_named_at_their_parent_path():
     assert problems("0: x\n") == {("(root)", "key_not_string")}
     text = EXAMPLE_TEXT.replace("  model: atlas-2-2026-11", "  model: atlas-2-2026-11\n  7: seven")
     assert problems(text) == {("upstream", "key_not_string")}
+
+
+# --- fine-tuning ----------------------------------------------------------------------------
+
+
+def test_fine_tuning_tiers_share_limits_or_set_their_own():
+    plan = example()
+    plan["stages"][1]["fine_tuning"] = {
+        "tiers": {"research_partner": {}, "verified_commercial": {"max_rows": 5}},
+        "max_rows": 100,
+        "max_bytes": 1000,
+        "jobs_per_day": 2,
+    }
+
+    fine_tuning = parse_plan(plan).stages[1].fine_tuning
+
+    assert fine_tuning.limits_for("research_partner").max_rows == 100
+    assert fine_tuning.limits_for("verified_commercial").max_rows == 5
+    assert fine_tuning.limits_for("verified_commercial").jobs_per_day == 2
+    assert fine_tuning.limits_for("public") is None
+    assert fine_tuning.dataset.on_flagged == "hold"
+    assert fine_tuning.dataset.on_blocked == "reject"
+
+
+def test_fine_tuning_list_and_mapping_forms_have_one_digest():
+    listed, mapped = example(), example()
+    listed["stages"][1]["fine_tuning"] = {
+        "tiers": ["verified_commercial", "research_partner"],
+        "max_rows": 100,
+        "max_bytes": 1000,
+        "jobs_per_day": 2,
+    }
+    limits = {"max_rows": 100, "max_bytes": 1000, "jobs_per_day": 2}
+    mapped["stages"][1]["fine_tuning"] = {
+        "tiers": {"research_partner": limits, "verified_commercial": dict(limits)}
+    }
+
+    assert plan_digest(parse_plan(listed)) == plan_digest(parse_plan(mapped))
+
+
+@pytest.mark.parametrize(
+    "fine_tuning, path, code",
+    [
+        ({"tiers": ["public"], "max_rows": 1, "max_bytes": 1, "jobs_per_day": 1},
+         "stages[0].fine_tuning.tiers.public", "tier_not_admitted"),
+        ({"tiers": ["research_partner", "research_partner"], "max_rows": 1, "max_bytes": 1,
+          "jobs_per_day": 1}, "stages[0].fine_tuning.tiers[1]", "duplicate_tier"),
+        ({"tiers": ["research_partner"], "max_bytes": 1, "jobs_per_day": 1},
+         "stages[0].fine_tuning.max_rows", "missing"),
+        ({"tiers": ["research_partner"], "max_rows": 0, "max_bytes": 1, "jobs_per_day": 1},
+         "stages[0].fine_tuning.max_rows", "greater_than_equal"),
+        ({"tiers": [], "max_rows": 1, "max_bytes": 1, "jobs_per_day": 1},
+         "stages[0].fine_tuning.tiers", "too_short"),
+        ({"tiers": ["research_partner"], "max_rows": 1, "max_bytes": 1, "jobs_per_day": 1,
+          "dataset": {"on_blocked": "accept"}},
+         "stages[0].fine_tuning.dataset.on_blocked", "literal_error"),
+    ],
+)  # fmt: skip
+def test_fine_tuning_errors(fine_tuning, path, code):
+    plan = example()
+    plan["stages"][0]["fine_tuning"] = fine_tuning
+
+    assert (path, code) in {(error.path, error.code) for error in rejected(plan)}
+
+
+def test_fine_tuning_needs_the_plans_assessment():
+    plan = example()
+    del plan["assessment"]
+
+    errors = {(error.path, error.code) for error in rejected(plan)}
+
+    assert ("stages[0].fine_tuning", "assessment_required") in errors
+
+
+def test_an_assessment_too_small_to_pass_is_refused():
+    plan = example()
+    plan["assessment"]["must_refuse"] = plan["assessment"]["must_refuse"][:34]
+
+    errors = {(error.path, error.code) for error in rejected(plan)}
+
+    assert errors == {("assessment.must_refuse", "assessment_cannot_pass")}
+    plan["assessment"]["max_refusal_drop"] = 0.2
+    assert parse_plan(plan).assessment.must_refuse[:1] == tuple(
+        plan["assessment"]["must_refuse"][:1]
+    )
+
+
+def test_a_plan_without_fine_tuning_keeps_its_digest():
+    plan = example()
+    for stage in plan["stages"]:
+        stage.pop("fine_tuning", None)
+    plan.pop("assessment")
+
+    data = canonical_dict(parse_plan(plan))
+
+    assert "assessment" not in data
+    assert all("fine_tuning" not in stage for stage in data["stages"])
