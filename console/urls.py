@@ -13,6 +13,7 @@ from console.views import (
     orgs,
     release,
     reviews,
+    tuning,
     usage,
 )
 
@@ -50,6 +51,18 @@ urlpatterns = [
     # the flag review queue (console/views/flags.py)
     path("flags/", flags.flags, name="flags"),
     path("flags/<int:pk>/decide/", flags.flag_decide, name="flag_decide"),
+    # fine-tuning: the review queue, a job, reviewers' decisions (console/views/tuning.py)
+    path("tuning/", tuning.tuning, name="tuning"),
+    path("tuning/jobs/<str:public_id>/", tuning.tuning_job, name="tuning_job"),
+    path(
+        "tuning/jobs/<str:public_id>/dataset/",
+        tuning.tuning_dataset_decide,
+        name="tuning_decide_dataset",
+    ),
+    path(
+        "tuning/jobs/<str:public_id>/model/", tuning.tuning_model_decide, name="tuning_decide_model"
+    ),
+    path("tuning/releases/<str:name>/", tuning.tuning_release, name="tuning_release"),
     path("audit/", audit.audit, name="audit"),
     path("audit/export.csv", audit.audit_csv, name="audit_csv"),
     path("audit/export.jsonl", audit.audit_jsonl, name="audit_jsonl"),
