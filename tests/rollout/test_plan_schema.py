@@ -1323,6 +1323,7 @@ NULLABLE = {
     "retain_flagged",
     "fine_tuning",
     "max_confirmed_flag_rate",
+    "category",  # a tripwire's (a rule's may not be null, but is tested otherwise)
 }
 STAGE_COUNT = len(EXAMPLE["stages"])
 
