@@ -18,6 +18,7 @@ NAV = (
     ("access", "Access", "staff"),
     ("incidents", "Incidents", "staff"),
     ("flags", "Flags", "staff"),
+    ("tuning", "Fine-tuning", "staff"),
     ("usage", "Usage", "staff"),
     ("audit", "Audit", "staff"),
 )

@@ -148,6 +148,9 @@ def criterion_rows(evaluation: Evaluation, *, approvals: int | None) -> list[Cri
     return rows
 
 
+OBSERVED_RATES = frozenset({"max_held_dataset_rate", "max_failed_assessment_rate"})
+
+
 def _criterion_row(
     result: CriterionResult, evaluation: Evaluation, approvals: int | None
 ) -> CriterionRow:
@@ -157,7 +160,9 @@ def _criterion_row(
     passed = result.passed
     if name.startswith("max_"):  # every max_ criterion is a rate
         shown, limit = (percent(observed) if observed is not None else "—"), percent(threshold)
-        if observed is not None:
+        # The fine-tuning rates are judged as observed, not by a bound: the review's own
+        # explanation says it all (rollout.criteria).
+        if observed is not None and name not in OBSERVED_RATES:
             events, trials, metric = _rate_events(name, evaluation.totals, evaluation.samples)
             words = rate_in_words(events=events, trials=trials, maximum=threshold, metric=metric)
         return CriterionRow(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
@@ -62,23 +62,34 @@ def registered_task(name: str):
     return app.tasks[name]
 
 
-_background: ThreadPoolExecutor | None = None
+_background: queue.SimpleQueue | None = None
 _background_lock = threading.Lock()
 
 
 def run_in_background(function, /, **kwargs) -> None:
     """Run ``function(**kwargs)`` on this process's one background thread (embedded
     mode's stand-in for a worker, for work too long for a request: a fine-tuning job's
-    screening and training), logging its failure."""
+    screening and training), logging its failure.
+
+    The thread is a daemon: a server that stops does not wait for it. Work it leaves
+    half done is picked up again by the periodic task that sweeps for it (fine-tuning's
+    runner claims a job for a few minutes, then lets the sweep have it)."""
     global _background
     with _background_lock:
         if _background is None:
-            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagegate-bg")
-        pool = _background
+            _background = queue.SimpleQueue()
+            threading.Thread(
+                target=_work, args=(_background,), name="stagegate-background", daemon=True
+            ).start()
+        work = _background
+    work.put((function, kwargs))
 
-    def run() -> None:
-        from django.db import close_old_connections
 
+def _work(work: queue.SimpleQueue) -> None:
+    from django.db import close_old_connections
+
+    while True:
+        function, kwargs = work.get()
         close_old_connections()
         try:
             function(**kwargs)
@@ -86,8 +97,6 @@ def run_in_background(function, /, **kwargs) -> None:
             log.exception("background task %s failed", getattr(function, "name", function))
         finally:
             close_old_connections()
-
-    pool.submit(run)
 
 
 def enqueue(task_name: str, *, background: bool = False, **kwargs) -> None:
