@@ -6,9 +6,10 @@
 ``accept`` and ``accept_filtered`` queue the job, ``hold`` waits for reviewers
 (``tuning.services.decide_dataset``), ``reject`` fails it. ``queued``: the rows to train
 on are sent to the release's upstream, which trains through OpenAI's files and
-fine-tuning API. ``running``: the upstream job is polled. ``succeeded``: a
-``TunedModel`` exists, held until the plan's assessment (``tuning.assessment``) compares
-it with its parent; it passes and becomes callable, or stays held for reviewers.
+fine-tuning API. ``running``: the upstream job is polled; once it has trained, a
+``TunedModel`` exists, held while the plan's assessment (``tuning.assessment``)
+compares it with its parent. ``succeeded``: assessed; the model is callable if it
+passed, held for reviewers if not.
 
 ``advance_job`` is idempotent and safe to call from several places at once (the task
 enqueued at creation, the periodic sweep): it claims the job with a conditional UPDATE
@@ -81,7 +82,6 @@ def pending_jobs() -> list[int]:
             Q(status=JobStatus.VALIDATING_FILES, verdict="")
             | Q(status__in=[JobStatus.QUEUED, JobStatus.RUNNING])
             | (Q(status=JobStatus.CANCELLED, error_code="") & ~Q(upstream_job_id=""))
-            | Q(status=JobStatus.SUCCEEDED, tuned_model__status=TunedModelStatus.ASSESSING)
         )
         .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))
         .order_by("created_at")
@@ -107,6 +107,10 @@ def _step(job: FineTuningJob) -> bool:
         _submit(job)
         return True
     if job.status == JobStatus.RUNNING:
+        tuned = TunedModel.objects.filter(job=job, status=TunedModelStatus.ASSESSING).first()
+        if tuned is not None:  # trained: assessed before the job succeeds
+            _assess(job, tuned)
+            return True
         finished = _poll(job)
         if not finished:
             time.sleep(POLL_SECONDS)
@@ -114,11 +118,6 @@ def _step(job: FineTuningJob) -> bool:
     if job.status == JobStatus.CANCELLED and job.upstream_job_id and not job.error_code:
         _cancel_upstream(job)
         return False
-    if job.status == JobStatus.SUCCEEDED:
-        tuned = TunedModel.objects.filter(job=job, status=TunedModelStatus.ASSESSING).first()
-        if tuned is not None:
-            _assess(job, tuned)
-            return True
     return False
 
 
@@ -302,7 +301,7 @@ def _submit(job: FineTuningJob) -> None:
 
 
 def _poll(job: FineTuningJob) -> bool:
-    """Ask the upstream how training goes; True once the job left ``running``."""
+    """Ask the upstream how training goes; True once training ended."""
     try:
         with _upstream(job) as upstream:
             remote = upstream.job(job.upstream_job_id)
@@ -312,7 +311,7 @@ def _poll(job: FineTuningJob) -> bool:
     if remote.status in ("validating_files", "queued", "running"):
         return False
     if remote.status == "succeeded" and remote.fine_tuned_model:
-        _succeeded(job, remote.fine_tuned_model, remote.trained_tokens)
+        _trained(job, remote.fine_tuned_model, remote.trained_tokens)
     elif remote.status == "cancelled":
         _set_status(job, JobStatus.RUNNING, status=JobStatus.CANCELLED, finished_at=timezone.now())
     else:
@@ -321,17 +320,13 @@ def _poll(job: FineTuningJob) -> bool:
     return True
 
 
-def _succeeded(job: FineTuningJob, upstream_model: str, trained_tokens: int | None) -> None:
+def _trained(job: FineTuningJob, upstream_model: str, trained_tokens: int | None) -> None:
+    """Training succeeded: the tuned model exists, held while it is assessed; the job
+    stays ``running`` until the assessment is done."""
     name = tuned_model_name(job.release.name, job.organization.slug, job.suffix, job.public_id)
     with transaction.atomic():
         if not _set_status(
-            job,
-            JobStatus.RUNNING,
-            status=JobStatus.SUCCEEDED,
-            fine_tuned_model=name,
-            upstream_model=upstream_model,
-            trained_tokens=trained_tokens,
-            finished_at=timezone.now(),
+            job, JobStatus.RUNNING, upstream_model=upstream_model, trained_tokens=trained_tokens
         ):
             return
         tuned = TunedModel.objects.create(
@@ -342,8 +337,7 @@ def _succeeded(job: FineTuningJob, upstream_model: str, trained_tokens: int | No
             upstream_model=upstream_model,
             status=TunedModelStatus.ASSESSING,
         )
-        event(job, f"New fine-tuned model created: {name}")
-        event(job, f"Assessing {name} against {job.release.name} before its first use")
+        event(job, f"Training done; assessing {name} against {job.release.name}")
         audit.record(
             "tuned_model.created",
             actor=ACTOR,
@@ -396,13 +390,25 @@ def _assess(job: FineTuningJob, tuned: TunedModel) -> None:
         tuned.status = TunedModelStatus.ACTIVE if passed else TunedModelStatus.HELD
         tuned.held_reason = "; ".join(reasons)
         tuned.approvals_needed = spec.approvals_needed if spec is not None else 1
+        succeeded = _set_status(
+            job,
+            JobStatus.RUNNING,
+            status=JobStatus.SUCCEEDED,
+            fine_tuned_model=tuned.name,
+            finished_at=timezone.now(),
+        )
+        if not succeeded:  # cancelled while it was assessed: never served
+            tuned.status = TunedModelStatus.REJECTED
         tuned.save(update_fields=["status", "held_reason", "approvals_needed", "updated_at"])
-        if passed:
-            event(job, f"Assessment passed: {tuned.name} may be called")
+        if not succeeded:
+            event(job, f"{tuned.name} will not be served: the job was cancelled", level="warn")
+        elif passed:
+            event(job, f"New fine-tuned model created: {tuned.name}; its assessment passed")
         else:
             event(
                 job,
-                f"Assessment failed: {tuned.held_reason}. {tuned.name} is held for review",
+                f"New fine-tuned model created: {tuned.name}. Its assessment failed:"
+                f" {tuned.held_reason}. It is held for review",
                 level="warn",
             )
         audit.record(

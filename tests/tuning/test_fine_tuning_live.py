@@ -65,7 +65,7 @@ def held(job) -> bool:
     return job.status in FINISHED or extra["dataset_review"] == "pending"
 
 
-def assessed(job) -> bool:
+def assessed(job) -> bool:  # succeeded: trained and assessed
     extra = job.model_extra["stagegate"]
     return job.status in FINISHED - {"succeeded"} or extra["tuned_model_status"] in {
         "active",
