@@ -23,6 +23,7 @@ def schedule() -> tuple[Periodic, ...]:
         Periodic("stagegate.expire_verifications", 3600),
         Periodic("stagegate.delete_expired_samples", 3600),
         Periodic("stagegate.advance_fine_tuning_jobs", settings.STAGEGATE_FINE_TUNING_SWEEP),
+        Periodic("stagegate.delete_expired_findings", 3600),
         Periodic(
             "stagegate.publish_audit_checkpoint", settings.STAGEGATE_AUDIT_CHECKPOINT_INTERVAL
         ),

@@ -199,6 +199,7 @@ def test_beat_and_in_process_scheduler_run_the_same_tasks():
         "stagegate.delete_expired_samples",
         "stagegate.publish_audit_checkpoint",
         "stagegate.advance_fine_tuning_jobs",
+        "stagegate.delete_expired_findings",
     }
 
 

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from access.decisions import KeyEntry, OrgEntry
@@ -33,6 +34,7 @@ from stagegate.roles import REVIEWER, staff_roles
 from tuning.datasets import DatasetInvalid, parse_dataset
 from tuning.gate import FINE_TUNING_NOT_ALLOWED, decide_fine_tuning, may_fine_tune_any
 from tuning.models import (
+    DatasetFinding,
     DecisionSubject,
     DecisionVerdict,
     FineTuningJob,
@@ -419,3 +421,30 @@ def _apply_model_outcome(tuned: TunedModel, outcome: str) -> str:
         tuned.status = TunedModelStatus.REJECTED
     tuned.save(update_fields=["status", "updated_at"])
     return tuned.status
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+def delete_expired_findings(*, now=None) -> int:
+    """Delete the flagged rows' excerpts kept past their ``retain_days``; one audit row
+    naming how many, per job. Returns the number deleted."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        expired = DatasetFinding.objects.filter(expires_at__lte=now)
+        per_job = dict(
+            expired.values("job__public_id")
+            .annotate(n=Count("id"))
+            .values_list("job__public_id", "n")
+        )
+        if not per_job:
+            return 0
+        deleted, _ = expired.delete()
+        audit.record(
+            "dataset_findings_expired",
+            actor="system:retention",
+            object_type=ObjectType.FINE_TUNING_JOB,
+            object_id="findings",
+            data={"deleted": deleted, "per_job": per_job},
+        )
+    return deleted

@@ -23,3 +23,11 @@ def advance_fine_tuning_jobs() -> dict:
     for job_id in jobs:
         advance_job(job_id, budget_seconds=10.0)
     return {"jobs": len(jobs)}
+
+
+@app.task(name="stagegate.delete_expired_findings", **RETRIED)
+def delete_expired_findings() -> dict:
+    """Delete training rows' excerpts kept past the plan's retain_days, audited."""
+    from tuning.services import delete_expired_findings as delete
+
+    return {"deleted": delete()}
