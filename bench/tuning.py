@@ -33,8 +33,12 @@ What is measured
 
   Figures: req/s, p50 and p99 (ms), each as a ratio to (i) of the same run and
   concurrency, and how many rows a second the screening got through meanwhile (from
-  its log). Nothing is pinned: the machine's cores are shared by wrk, nginx, the proxy
-  and the screening, as they would be on a small host.
+  its log). Without --pin nothing is pinned: the machine's cores are shared by wrk,
+  nginx, the proxy and the screening, as they would be on a small host. With --pin the
+  proxy has the last core to itself (bench/proxy.py's layout) and everything else,
+  the separate screening process included, shares the others: the production layout,
+  a worker beside the web server but not on its cores. (iii) and (iv) then run the
+  screening thread on the proxy's core, as embedded mode must.
 
 Usage: python bench/tuning.py [--rows 10000] [--repeat 3] [--no-live]
                               [--concurrency 1,16] [--duration 8]
@@ -251,7 +255,9 @@ def live(args: argparse.Namespace, data: bytes) -> None:
     django.setup()
     from monitoring.models import UsageEvent
 
-    layout = proxy_bench.Layout()
+    layout = proxy_bench.Layout.pinned(1) if args.pin else proxy_bench.Layout()
+    if layout.rest:  # this process (wrk's parent) with the rest, off the proxy's core
+        os.sched_setaffinity(0, set(layout.rest))
     run_args = argparse.Namespace(
         load="wrk", var_dir=var_dir, layout=layout, duration=args.duration
     )
@@ -264,7 +270,17 @@ def live(args: argparse.Namespace, data: bytes) -> None:
         port = free_port()
         server = Server(
             f"proxy-{len(servers)}",
-            [sys.executable, __file__, *extra, "--", "--port", str(port), "--workers", "1"],
+            [
+                *layout.prefix(layout.proxy),
+                sys.executable,
+                __file__,
+                *extra,
+                "--",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
             var_dir,
         )
         base = f"http://127.0.0.1:{port}"
@@ -307,9 +323,13 @@ def live(args: argparse.Namespace, data: bytes) -> None:
 
     try:
         if proxy_bench.NGINX:
-            upstream, upstream_base = proxy_bench.start_nginx_upstream(var_dir, [])
+            upstream, upstream_base = proxy_bench.start_nginx_upstream(
+                var_dir, layout.prefix(layout.rest)
+            )
         else:
-            upstream, upstream_base = proxy_bench.start_upstream(var_dir, [])
+            upstream, upstream_base = proxy_bench.start_upstream(
+                var_dir, layout.prefix(layout.rest)
+            )
         servers.append(upstream)
         raw_key = proxy_bench.seed(f"{upstream_base}/v1")
 
@@ -318,7 +338,11 @@ def live(args: argparse.Namespace, data: bytes) -> None:
         measure("(i) nothing else", proxy, proxy_base, None)
         for label, nice in (("(ii) a separate process", "0"), ("(ii) niced 19", "19")):
             loop = ["--screen-loop", str(dataset_path), "--pause-ms", "none", "--nice", nice]
-            screener = Server(f"screener-{nice}", [sys.executable, __file__, *loop], var_dir)
+            screener = Server(
+                f"screener-{nice}",
+                [*layout.prefix(layout.rest), sys.executable, __file__, *loop],
+                var_dir,
+            )
             servers.append(screener)
             screener.wait_ready(lambda screener=screener: "screened" in screener.log(), 60)
             measure(label, proxy, proxy_base, screener)
@@ -379,6 +403,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="live: comma-separated levels (1,16)",
     )
     parser.add_argument("--duration", type=int, default=8, help="live: seconds per run (8)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="live: the proxy alone on the last core; wrk, nginx and a separate screening"
+        " process on the others (a Celery worker beside the web server, on its own core)",
+    )
     # What the live part starts this script as:
     parser.add_argument("--screen-loop", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--serve-with-screening", metavar="PATH", help=argparse.SUPPRESS)
