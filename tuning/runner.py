@@ -30,6 +30,7 @@ from django.utils import timezone
 from access.snapshot import stage_policy
 from monitoring import audit
 from monitoring.audit import ObjectType
+from rollout.models import ReleaseState
 from rollout.plan_schema import DEFAULT_REFUSAL_MARKERS
 from rollout.plans import plan_doc
 from tuning.assessment import assess
@@ -67,9 +68,7 @@ def advance_job(job_id: int, *, budget_seconds: float = 60.0) -> str | None:
             job = FineTuningJob.objects.select_related(
                 "release__active_plan", "training_file", "organization"
             ).get(pk=job_id)
-            if not _step(job):
-                return job.status
-            if time.monotonic() >= deadline:
+            if not _step(job) or time.monotonic() >= deadline:
                 return FineTuningJob.objects.values_list("status", flat=True).get(pk=job_id)
     finally:
         FineTuningJob.objects.filter(pk=job_id).update(claimed_until=None)
@@ -104,6 +103,11 @@ def _step(job: FineTuningJob) -> bool:
         _screen(job)
         return True
     if job.status == JobStatus.QUEUED:
+        if job.release.state == ReleaseState.RETIRED:
+            _fail(job, "model_retired", f"'{job.release.name}' was retired before training.")
+            return False
+        if job.release.state != ReleaseState.ACTIVE:
+            return False  # a paused release trains nothing; the sweep tries again
         _submit(job)
         return True
     if job.status == JobStatus.RUNNING:

@@ -273,7 +273,9 @@ def _hyperparameters(given: dict[str, Any] | None) -> dict[str, Any]:
 
 def get_job(*, caller: Caller, job_id: str) -> FineTuningJob:
     job = (
-        FineTuningJob.objects.select_related("release", "training_file", "organization")
+        FineTuningJob.objects.select_related(
+            "release", "training_file", "organization", "tuned_model"
+        )
         .filter(public_id=job_id, organization_id=caller.api_key.organization_id)
         .first()
     )

@@ -135,7 +135,10 @@ def file_object(training_file: TrainingFile) -> dict[str, Any]:
 
 def job_object(job: FineTuningJob) -> dict[str, Any]:
     failed = job.status == JobStatus.FAILED
-    tuned = TunedModel.objects.filter(job=job).values("status", "held_reason").first()
+    try:
+        tuned = job.tuned_model  # selected with the job (services.get_job, the list)
+    except TunedModel.DoesNotExist:
+        tuned = None
     hyperparameters = job.hyperparameters or {}
     return {
         "id": job.public_id,
@@ -178,8 +181,8 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
                 "kept": job.rows_kept,
             },
             "dataset_review": job.dataset_review or None,
-            "tuned_model_status": tuned["status"] if tuned else None,
-            "held_reason": (tuned["held_reason"] or None) if tuned else None,
+            "tuned_model_status": tuned.status if tuned else None,
+            "held_reason": (tuned.held_reason or None) if tuned else None,
         },
     }
 
@@ -239,7 +242,7 @@ def jobs(request: HttpRequest, caller: services.Caller) -> HttpResponse:
         limit = _limit(request)
         rows = FineTuningJob.objects.filter(
             organization_id=caller.api_key.organization_id
-        ).select_related("release", "training_file", "organization")
+        ).select_related("release", "training_file", "organization", "tuned_model")
         after = request.GET.get("after")
         if after:
             anchor = services.get_job(caller=caller, job_id=after)

@@ -95,3 +95,19 @@ def test_expired_findings_are_deleted_with_one_audit_row(caller):
     row = AuditEvent.objects.get(action="dataset_findings_expired")
     assert row.data == {"deleted": 2, "per_job": {job.public_id: 2}}
     assert services.delete_expired_findings(now=now) == 0
+
+
+def test_a_queued_job_waits_while_its_release_is_paused(caller):
+    from rollout.models import Release, ReleaseState
+    from tuning.runner import advance_job
+
+    job = services.create_job(caller=caller, model="atlas-2", training_file=upload(caller))
+    FineTuningJob.objects.filter(pk=job.pk).update(status=JobStatus.QUEUED, verdict="accept")
+    Release.objects.filter(name="atlas-2").update(state=ReleaseState.PAUSED)
+
+    assert advance_job(job.pk) == JobStatus.QUEUED  # nothing sent upstream
+    assert FineTuningJob.objects.get(pk=job.pk).upstream_job_id == ""
+
+    Release.objects.filter(name="atlas-2").update(state=ReleaseState.RETIRED)
+    assert advance_job(job.pk) == JobStatus.FAILED
+    assert FineTuningJob.objects.get(pk=job.pk).error_code == "model_retired"
