@@ -21,6 +21,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
+from django.db import DatabaseError, InterfaceError
 from django.http import HttpRequest, HttpResponse
 from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
@@ -71,6 +72,14 @@ def _route(*methods: str) -> Callable:
                 return view(request, caller, **kwargs)
             except Refused as exc:
                 return _error(exc.status, exc.code, exc.message, exc.field)
+            except (DatabaseError, InterfaceError):
+                # Each write is one transaction: nothing half-stored to clean up.
+                log.warning("fine-tuning route %s: database unavailable", request.path)
+                return _error(
+                    503,
+                    "service_unavailable",
+                    "Stagegate cannot reach its database; nothing was stored. Try again shortly.",
+                )
 
         return handle
 

@@ -168,3 +168,18 @@ def test_unknown_ids_and_methods(client, partner):
     assert (wrong.status_code, error(wrong)["code"]) == (405, "method_not_allowed")
     cancel = client.get("/v1/fine_tuning/jobs/ftjob-nope/cancel", **partner)
     assert cancel.status_code == 405
+
+
+def test_a_database_outage_is_a_503_and_stores_nothing(client, partner):
+    from django.db import OperationalError, connection
+
+    def unreachable(execute, sql, params, many, context):
+        raise OperationalError("the database went away")
+
+    with connection.execute_wrapper(unreachable):
+        upload = post_file(client, partner, GOOD_ROW)
+        listing = client.get("/v1/fine_tuning/jobs", **partner)
+
+    for response in (upload, listing):
+        assert (response.status_code, error(response)["code"]) == (503, "service_unavailable")
+    assert TrainingFile.objects.count() == 0
