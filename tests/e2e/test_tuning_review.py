@@ -102,3 +102,35 @@ def test_a_reject_needs_a_comment_and_then_fails_the_job(held, console):
 
     job = FineTuningJob.objects.get(pk=held.pk)
     assert (job.status, job.error_code) == ("failed", "dataset_rejected")
+
+
+def test_after_a_reviewers_approval_in_the_console_the_job_trains_on_the_demo_model(
+    proxy_server, demo_upstream, console
+):
+    # atlas-2 trained by the demo model, no runner holding the job: the approval's
+    # background step screens nothing more (the verdict stands), trains and assesses.
+    from tests.access.proxy_cast import plan_text
+    from tests.e2e.test_console_e2e import set_browser_password
+    from tests.live import wait_until
+
+    northwind = make_org("northwind-research", "research_partner")
+    apply_plan(plan_text(demo_upstream.base_url), actor=None)
+    job = held_job(Release.objects.get(name="atlas-2"), northwind)
+    set_browser_password(make_user("rita", roles=("reviewer",)))
+    proxy_server.wait_synced()
+    page = console.page
+
+    console.sign_in("rita")
+    console.goto(f"/console/tuning/jobs/{job.public_id}/")
+    page.get_by_label("Comment on the held dataset").fill("security training, reviewed")
+    page.locator("#decision-dataset").get_by_role("button", name="Approve").click()
+    page.locator("#decision-dataset[data-held='false']").wait_for()
+
+    trained = wait_until(
+        lambda: found if (found := FineTuningJob.objects.get(pk=job.pk)).finished else None,
+        timeout=60,
+        what="the approved job to finish",
+    )
+    assert (trained.status, trained.dataset_review) == ("succeeded", "approved")
+    assert trained.fine_tuned_model.startswith("ft:atlas-2:northwind-research:")
+    assert trained.tuned_model.status in {"active", "held"}  # assessed either way
