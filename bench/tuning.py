@@ -440,7 +440,7 @@ def main() -> int:
         print()
         print(
             f"the proxy while {args.rows:,} rows are screened (embedded, one worker, wrk,"
-            f" {args.duration} s a run, not pinned):",
+            f" {args.duration} s a run, {'the proxy pinned to its own core' if args.pin else 'not pinned'}):",
             flush=True,
         )
         live(args, data)

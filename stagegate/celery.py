@@ -12,6 +12,7 @@ functions on the same schedule inside the web server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -88,6 +89,10 @@ def run_in_background(function, /, **kwargs) -> None:
 def _work(work: queue.SimpleQueue) -> None:
     from django.db import close_old_connections
 
+    # The lowest priority for this thread (Linux sets niceness per thread): the proxy's
+    # requests in the same process come first (docs/performance.md, "Fine-tuning").
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while True:
         function, kwargs = work.get()
         close_old_connections()
