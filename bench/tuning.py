@@ -438,9 +438,10 @@ def main() -> int:
     in_process(args, data)
     if args.live:
         print()
+        pinning = "the proxy pinned to its own core" if args.pin else "not pinned"
         print(
             f"the proxy while {args.rows:,} rows are screened (embedded, one worker, wrk,"
-            f" {args.duration} s a run, {'the proxy pinned to its own core' if args.pin else 'not pinned'}):",
+            f" {args.duration} s a run, {pinning}):",
             flush=True,
         )
         live(args, data)
