@@ -31,10 +31,8 @@ from access.snapshot import stage_policy
 from monitoring import audit
 from monitoring.audit import ObjectType
 from rollout.models import ReleaseState
-from rollout.plan_schema import DEFAULT_REFUSAL_MARKERS
 from rollout.plans import plan_doc
 from tuning.assessment import assess
-from tuning.dataset_screening import moderation_classifier, screen_dataset
 from tuning.datasets import parse_dataset
 from tuning.models import (
     Assessment,
@@ -46,6 +44,7 @@ from tuning.models import (
     TunedModel,
     TunedModelStatus,
 )
+from tuning.screen_worker import ScreeningFailed, screen_in_child, screen_training_data
 from tuning.services import event, tuned_model_name
 from tuning.upstream import FineTuningUpstream, UpstreamFailed
 
@@ -100,8 +99,7 @@ def _claim(job_id: int) -> bool:
 def _step(job: FineTuningJob) -> bool:
     """Do the job's next step; False when there is nothing to do now."""
     if job.status == JobStatus.VALIDATING_FILES and not job.verdict:
-        _screen(job)
-        return True
+        return _screen(job)
     if job.status == JobStatus.QUEUED:
         if job.release.state == ReleaseState.RETIRED:
             _fail(job, "model_retired", f"'{job.release.name}' was retired before training.")
@@ -166,10 +164,11 @@ def _set_status(job: FineTuningJob, expected: str, **fields) -> bool:
 # --- validating_files: screening ----------------------------------------------------------
 
 
-def _screen(job: FineTuningJob) -> None:
+def _screen(job: FineTuningJob) -> bool:
+    """Screen the job's training file; False when no result came (tried again later)."""
     release = job.release
     plan = release.active_plan
-    policy, screen = stage_policy(plan, release.current_stage)
+    policy, _screen_rules = stage_policy(plan, release.current_stage)
     fine_tuning = policy.fine_tuning if policy is not None else None
     if fine_tuning is None or fine_tuning.limits_for(job.tier) is None:
         _fail(
@@ -179,25 +178,21 @@ def _screen(job: FineTuningJob) -> None:
             " may not fine-tune it.",
             "model",
         )
-        return
-    doc = plan_doc(plan)
-    markers = doc.assessment.refusal_markers if doc.assessment else DEFAULT_REFUSAL_MARKERS
-    classifier = screen.classifier if screen is not None else None
-    dataset = parse_dataset(bytes(job.training_file.content))
-    result = screen_dataset(
-        dataset,
-        screen=screen,
-        policy=fine_tuning.dataset,
-        refusal_markers=markers,
-        classify=(
-            moderation_classifier(classifier, api_key=settings.STAGEGATE_UPSTREAM_API_KEY or "")
-            if classifier is not None
-            else None
-        ),
-        # A Celery worker is a process of its own; in embedded mode the screening shares
-        # the server's GIL with the proxy and gives it up now and then.
-        pause_every_ms=None if settings.STAGEGATE_SCHEDULER == "celery" else 1.0,
-    )
+        return True
+    request = {
+        "plan": plan.document,
+        "stage": release.current_stage,
+        "data": bytes(job.training_file.content),
+        "api_key": settings.STAGEGATE_UPSTREAM_API_KEY or "",
+    }
+    try:
+        if settings.STAGEGATE_SCHEDULER == "celery":  # a worker: a process of its own
+            result = screen_training_data(**request)
+        else:  # the web server's process: not beside the proxy's requests
+            result = screen_in_child(**request)
+    except ScreeningFailed as exc:
+        log.warning("fine-tuning job %s: %s", job.public_id, exc)
+        return False  # left unscreened: the sweep tries again
     expires = timezone.now() + timedelta(days=fine_tuning.dataset.retain_days)
     verdict = result.verdict
     with transaction.atomic():
@@ -229,7 +224,7 @@ def _screen(job: FineTuningJob) -> None:
                 error_param="training_file",
             )
         if not _set_status(job, JobStatus.VALIDATING_FILES, **fields):
-            return  # cancelled meanwhile
+            return True  # cancelled meanwhile
         DatasetFinding.objects.bulk_create(
             [
                 DatasetFinding(
@@ -268,6 +263,7 @@ def _screen(job: FineTuningJob) -> None:
                 "stage": release.current_stage,
             },
         )
+    return True
 
 
 # --- queued and running: training upstream ------------------------------------------------
