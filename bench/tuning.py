@@ -20,8 +20,11 @@ What is measured
 
     (i)   nothing else runs
     (ii)  a separate process parses and screens the dataset in a loop, without pauses
-          (production: a Celery worker is a process of its own); then the same niced 19
-    (iii) a thread inside the proxy's own process does so, pausing every 1 ms of work
+          (production: a Celery worker is a process of its own); then the same niced 19,
+          which is what embedded mode does (tuning/screen_worker.py: the runner screens
+          in a child process at niceness 19)
+    (iii) the design not taken, for comparison: a thread inside the proxy's own process
+          does so, pausing every 1 ms of work
           (screen_dataset's default: what embedded mode's background thread costs);
           the proxy is started through this script (--serve-with-screening), which
           starts the thread and then runs stagegate.serve's main in the same process;
@@ -336,7 +339,10 @@ def live(args: argparse.Namespace, data: bytes) -> None:
         proxy, proxy_base = start_proxy(None)
         servers.append(proxy)
         measure("(i) nothing else", proxy, proxy_base, None)
-        for label, nice in (("(ii) a separate process", "0"), ("(ii) niced 19", "19")):
+        for label, nice in (
+            ("(ii) a separate process", "0"),
+            ("(ii) niced 19: what Stagegate does", "19"),
+        ):
             loop = ["--screen-loop", str(dataset_path), "--pause-ms", "none", "--nice", nice]
             screener = Server(
                 f"screener-{nice}",
