@@ -1,7 +1,7 @@
 """``manage.py seed_demo``: an empty database filled with the demo world (staff users,
 organizations with their members, verifications and keys, atlas-2 on the example plan
 beside atlas-2-mini, the fallback its screening routes to, and a week of atlas-2's usage
-history with its reviews and stages).
+history with its reviews and stages, and its fine-tuning jobs: ``tuning.demo_history``).
 
 It lives in ``access``, the app that may import the others (access -> rollout ->
 monitoring, docs/architecture.md), because it creates organizations and keys as much
@@ -32,6 +32,7 @@ from rollout.models import Release, ReviewTrigger, StageTransition
 from rollout.plans import apply_plan, plan_doc
 from rollout.reviews import create_review
 from rollout.transitions import pause, resume
+from tuning.demo_history import seed_fine_tuning
 
 DEMO_PLAN = settings.BASE_DIR / "docs" / "examples" / "atlas-2.yaml"
 # Applied first: atlas-2's screening routes to it.
@@ -82,7 +83,9 @@ class Command(BaseCommand):
     help = (
         "Create the demo: six organizations (three research partners, one of each other "
         "tier) with valid verifications, the release atlas-2 on a four-stage plan with a "
-        "week of usage history (rolled up, with daily reviews and a past pause), an admin, "
+        "week of usage history (rolled up, with daily reviews and a past pause) and of "
+        "fine-tuning (a tuned model callable, a dataset and a tuned model held for review, a "
+        "dataset rejected), an admin, "
         "two reviewers, a viewer and one org admin per organization, and one key per "
         "organization; atlas-2-mini, open to every tier, is the fallback atlas-2's "
         "screening routes to. Passwords and keys are printed once. The demo traffic generator's "
@@ -239,6 +242,13 @@ class Command(BaseCommand):
         decided, pending = review_samples(
             release=release.name, reviewers=reviewers, before=now - timedelta(days=1)
         )
+        # Before the daily reviews, which count the fine-tuning of their day.
+        tuning = seed_fine_tuning(
+            release=release,
+            api_keys={org.slug: org.keys.get(name="demo") for org in orgs},
+            end=now,
+            actor=ACTOR,
+        )
         admin = User.objects.get(username="admin")
         for when, act, reason in (
             (paused[0], pause, "upstream errors at 7% after the model server's redeploy"),
@@ -259,7 +269,8 @@ class Command(BaseCommand):
         create_review(release, trigger=ReviewTrigger.API, requested_by=reviewer, roll_up=False)
         return (
             f", {count} usage events over {HISTORY_DAYS} days in {report.buckets_written} rollups,"
-            f" {decided + pending} flagged samples ({pending} awaiting review)"
+            f" {decided + pending} flagged samples ({pending} awaiting review),"
+            f" {tuning.summary()}"
         )
 
     def _write_traffic_keys(self, traffic_keys: dict) -> None:
