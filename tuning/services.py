@@ -68,6 +68,11 @@ class Caller:
     def organization(self):
         return self.api_key.organization
 
+    @property
+    def label(self) -> str:
+        """Who acted, for the audit log: the key's public id (never its secret)."""
+        return f"api_key:{self.api_key.public_id}"
+
 
 def authenticate(raw_key: str) -> Caller:
     """The caller of ``raw_key`` (``access.keys.KeyRefused``, a 401, when it is no
@@ -126,7 +131,7 @@ def upload_file(*, caller: Caller, filename: str, purpose: str, data: bytes) -> 
         )
         audit.record(
             "training_file.uploaded",
-            actor=caller.api_key,
+            actor=caller.label,
             object_type=ObjectType.TRAINING_FILE,
             object_id=training_file.public_id,
             data={"bytes": len(data), "rows": len(dataset.rows), "sha256": training_file.sha256},
@@ -224,7 +229,7 @@ def create_job(
         event(job, f"Validating training file: {file_row.public_id}")
         audit.record(
             "fine_tuning_job.created",
-            actor=caller.api_key,
+            actor=caller.label,
             object_type=ObjectType.FINE_TUNING_JOB,
             object_id=job.public_id,
             data={
@@ -303,7 +308,7 @@ def cancel_job(*, caller: Caller, job_id: str) -> FineTuningJob:
         event(job, "Job cancelled")
         audit.record(
             "fine_tuning_job.cancelled",
-            actor=caller.api_key,
+            actor=caller.label,
             object_type=ObjectType.FINE_TUNING_JOB,
             object_id=job.public_id,
         )

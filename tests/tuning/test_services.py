@@ -111,3 +111,15 @@ def test_a_queued_job_waits_while_its_release_is_paused(caller):
     Release.objects.filter(name="atlas-2").update(state=ReleaseState.RETIRED)
     assert advance_job(job.pk) == JobStatus.FAILED
     assert FineTuningJob.objects.get(pk=job.pk).error_code == "model_retired"
+
+
+def test_what_a_key_does_is_audited_under_its_public_id(caller):
+    services.create_job(caller=caller, model="atlas-2", training_file=upload(caller))
+
+    actors = set(
+        AuditEvent.objects.filter(
+            action__in=["training_file.uploaded", "fine_tuning_job.created"]
+        ).values_list("actor", flat=True)
+    )
+
+    assert actors == {f"api_key:{caller.api_key.public_id}"}
