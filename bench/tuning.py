@@ -353,6 +353,9 @@ def live(args: argparse.Namespace, data: bytes) -> None:
             screener.wait_ready(lambda screener=screener: "screened" in screener.log(), 60)
             measure(label, proxy, proxy_base, screener)
             screener.stop()
+        # The same proxy with nothing beside it again: how far it drifted over the runs
+        # (its usage table grows), so that (ii)'s ratios can be read against the drift.
+        measure("(i') nothing else, again", proxy, proxy_base, None)
         proxy.stop(15)
         for label, pause, nice in (
             ("(iii) a thread in the proxy, paused", "1", "0"),
