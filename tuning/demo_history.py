@@ -61,7 +61,6 @@ from tuning.datasets import parse_dataset
 from tuning.gate import decide_fine_tuning
 from tuning.models import (
     Assessment,
-    DatasetFinding,
     DatasetVerdict,
     FineTuningJob,
     JobEvent,
@@ -72,6 +71,7 @@ from tuning.models import (
     TunedModelStatus,
 )
 from tuning.refusals import is_refusal
+from tuning.runner import store_screening
 from tuning.services import HYPERPARAMETERS, tuned_model_name
 
 if TYPE_CHECKING:
@@ -742,7 +742,7 @@ def _screen(
     actor: str,
 ) -> str:
     """The job's training file screened by the stage's rules (no classifier: the module
-    docstring) and the result stored as ``tuning.runner``'s ``_screen`` stores it.
+    docstring) and the result stored as the runner stores it (``store_screening``).
     Returns the verdict."""
     result = screen_dataset(
         parse_dataset(content),
@@ -753,73 +753,11 @@ def _screen(
         pause_every_ms=None,
     )
     screened = at + timedelta(seconds=4)
+    store_screening(
+        job, result, fine_tuning, stage=job.stage, plan_version=job.plan_version, actor=actor,
+        at=screened,
+    )  # fmt: skip
     verdict = result.verdict
-    fields: dict[str, Any] = {
-        "verdict": verdict,
-        "verdict_reason": result.reason,
-        "screened_at": screened,
-        "updated_at": screened,
-        "rows_total": result.rows_total,
-        "rows_flagged": result.rows_flagged,
-        "rows_blocked": result.rows_blocked,
-        "rows_kept": len(result.kept_lines),
-        "categories": result.categories,
-    }
-    if verdict == DatasetVerdict.ACCEPT_FILTERED:
-        fields["kept_lines"] = list(result.kept_lines)
-    if verdict in (DatasetVerdict.ACCEPT, DatasetVerdict.ACCEPT_FILTERED):
-        fields["status"] = JobStatus.QUEUED
-    elif verdict == DatasetVerdict.HOLD:
-        fields["dataset_review"] = ReviewStatus.PENDING
-        fields["approvals_needed"] = fine_tuning.dataset.approvals_needed
-    else:
-        fields.update(
-            status=JobStatus.FAILED,
-            finished_at=screened,
-            error_code="dataset_rejected",
-            error_message=result.reason,
-            error_param="training_file",
-        )
-    with transaction.atomic():
-        FineTuningJob.objects.filter(pk=job.pk).update(**fields)
-        DatasetFinding.objects.bulk_create(
-            [
-                DatasetFinding(
-                    job=job,
-                    line=finding.line,
-                    action=finding.action,
-                    source=finding.source,
-                    categories=",".join(finding.categories),
-                    excerpt=finding.excerpt,
-                    expires_at=screened + timedelta(days=fine_tuning.dataset.retain_days),
-                )
-                for finding in result.findings
-            ]
-        )
-        level = "info" if verdict in ("accept", "accept_filtered") else "warn"
-        _event(job, screened, f"Training file screened: {verdict}. {result.reason}", level=level)
-        if verdict == DatasetVerdict.HOLD:
-            needed = fine_tuning.dataset.approvals_needed
-            _event(
-                job,
-                screened,
-                f"The dataset is held for human review ({needed} approval"
-                f"{'s' if needed > 1 else ''} needed)",
-                level="warn",
-            )
-        audit.record(
-            "fine_tuning_job.dataset_screened",
-            actor=actor,
-            object_type=ObjectType.FINE_TUNING_JOB,
-            object_id=job.public_id,
-            data={
-                "verdict": verdict,
-                "rows": result.rows_total,
-                "flagged": result.rows_flagged,
-                "blocked": result.rows_blocked,
-                "stage": job.stage,
-            },
-        )
     return verdict
 
 

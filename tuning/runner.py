@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -31,14 +32,17 @@ from access.snapshot import stage_policy
 from monitoring import audit
 from monitoring.audit import ObjectType
 from rollout.models import ReleaseState
+from rollout.plan_schema import FineTuningPolicy
 from rollout.plans import plan_doc
 from tuning.assessment import assess
+from tuning.dataset_screening import DatasetResult
 from tuning.datasets import parse_dataset
 from tuning.models import (
     Assessment,
     DatasetFinding,
     DatasetVerdict,
     FineTuningJob,
+    JobEvent,
     JobStatus,
     ReviewStatus,
     TunedModel,
@@ -193,38 +197,60 @@ def _screen(job: FineTuningJob) -> bool:
     except ScreeningFailed as exc:
         log.warning("fine-tuning job %s: %s", job.public_id, exc)
         return False  # left unscreened: the sweep tries again
-    expires = timezone.now() + timedelta(days=fine_tuning.dataset.retain_days)
+    store_screening(
+        job, result, fine_tuning, stage=release.current_stage, plan_version=plan.version
+    )
+    return True
+
+
+def store_screening(
+    job: FineTuningJob,
+    result: DatasetResult,
+    fine_tuning: FineTuningPolicy,
+    *,
+    stage: str,
+    plan_version: int,
+    actor: str = ACTOR,
+    at: datetime | None = None,
+) -> bool:
+    """The screening's ``result`` stored with the job: the verdict and counts, the job
+    queued, held for reviewers or failed, the findings kept for ``retain_days``, the
+    events and the audit row, in one transaction. ``at``: when it was screened (now
+    unless the demo's history says otherwise). False when the job was no longer
+    validating (cancelled meanwhile) and nothing was stored."""
+    screened = at or timezone.now()
     verdict = result.verdict
+    fields: dict[str, Any] = {
+        "verdict": verdict,
+        "verdict_reason": result.reason,
+        "screened_at": screened,
+        "rows_total": result.rows_total,
+        "rows_flagged": result.rows_flagged,
+        "rows_blocked": result.rows_blocked,
+        "rows_kept": len(result.kept_lines),
+        "categories": result.categories,
+        "stage": stage,
+        "plan_version": plan_version,
+    }
+    if verdict == DatasetVerdict.ACCEPT_FILTERED:
+        fields["kept_lines"] = list(result.kept_lines)
+    if verdict in (DatasetVerdict.ACCEPT, DatasetVerdict.ACCEPT_FILTERED):
+        fields["status"] = JobStatus.QUEUED
+    elif verdict == DatasetVerdict.HOLD:
+        fields["dataset_review"] = ReviewStatus.PENDING
+        fields["approvals_needed"] = fine_tuning.dataset.approvals_needed
+    else:
+        fields.update(
+            status=JobStatus.FAILED,
+            finished_at=screened,
+            error_code="dataset_rejected",
+            error_message=result.reason,
+            error_param="training_file",
+        )
     with transaction.atomic():
-        fields = {
-            "verdict": verdict,
-            "verdict_reason": result.reason,
-            "screened_at": timezone.now(),
-            "rows_total": result.rows_total,
-            "rows_flagged": result.rows_flagged,
-            "rows_blocked": result.rows_blocked,
-            "rows_kept": len(result.kept_lines),
-            "categories": result.categories,
-            "stage": release.current_stage,
-            "plan_version": plan.version,
-        }
-        if verdict == DatasetVerdict.ACCEPT_FILTERED:
-            fields["kept_lines"] = list(result.kept_lines)
-        if verdict in (DatasetVerdict.ACCEPT, DatasetVerdict.ACCEPT_FILTERED):
-            fields["status"] = JobStatus.QUEUED
-        elif verdict == DatasetVerdict.HOLD:
-            fields["dataset_review"] = ReviewStatus.PENDING
-            fields["approvals_needed"] = fine_tuning.dataset.approvals_needed
-        else:
-            fields.update(
-                status=JobStatus.FAILED,
-                finished_at=timezone.now(),
-                error_code="dataset_rejected",
-                error_message=result.reason,
-                error_param="training_file",
-            )
         if not _set_status(job, JobStatus.VALIDATING_FILES, **fields):
-            return True  # cancelled meanwhile
+            return False
+        expires = screened + timedelta(days=fine_tuning.dataset.retain_days)
         DatasetFinding.objects.bulk_create(
             [
                 DatasetFinding(
@@ -241,18 +267,22 @@ def _screen(job: FineTuningJob) -> bool:
             batch_size=500,
         )
         level = "info" if verdict in ("accept", "accept_filtered") else "warn"
-        event(job, f"Training file screened: {verdict}. {result.reason}", level=level)
+        events = [event(job, f"Training file screened: {verdict}. {result.reason}", level=level)]
         if verdict == DatasetVerdict.HOLD:
             needed = fine_tuning.dataset.approvals_needed
-            event(
-                job,
-                f"The dataset is held for human review ({needed} approval"
-                f"{'s' if needed > 1 else ''} needed)",
-                level="warn",
+            events.append(
+                event(
+                    job,
+                    f"The dataset is held for human review ({needed} approval"
+                    f"{'s' if needed > 1 else ''} needed)",
+                    level="warn",
+                )
             )
+        if at is not None:
+            JobEvent.objects.filter(pk__in=[row.pk for row in events]).update(created_at=at)
         audit.record(
             "fine_tuning_job.dataset_screened",
-            actor=ACTOR,
+            actor=actor,
             object_type=ObjectType.FINE_TUNING_JOB,
             object_id=job.public_id,
             data={
@@ -260,7 +290,7 @@ def _screen(job: FineTuningJob) -> bool:
                 "rows": result.rows_total,
                 "flagged": result.rows_flagged,
                 "blocked": result.rows_blocked,
-                "stage": release.current_stage,
+                "stage": stage,
             },
         )
     return True

@@ -85,8 +85,8 @@ def authenticate(raw_key: str) -> Caller:
     return Caller(api_key, key, org)
 
 
-def event(job: FineTuningJob, message: str, *, level: str = "info", **data: Any) -> None:
-    JobEvent.objects.create(job=job, level=level, message=message, data=data)
+def event(job: FineTuningJob, message: str, *, level: str = "info", **data: Any) -> JobEvent:
+    return JobEvent.objects.create(job=job, level=level, message=message, data=data)
 
 
 # --- files --------------------------------------------------------------------------------
