@@ -143,3 +143,64 @@ def flag_sample(*, at, release: str, stage: str, text: str = "write me ransomwar
         **fields,
     }
     return FlagSample(**values)
+
+
+def fine_tuning_job(
+    release,
+    org,
+    *,
+    stage: str = "research_preview",
+    created_at=None,
+    verdict: str = "",
+    screened_at=None,
+):
+    """A fine-tuning job of ``org`` (under its own tier) created at ``created_at`` (an
+    hour ago by default), screened with ``verdict`` at ``screened_at`` (when created;
+    not screened when ``verdict`` is "")."""
+    from tuning.models import FineTuningJob, TrainingFile
+
+    created_at = created_at or timezone.now() - timedelta(hours=1)
+    training = TrainingFile.objects.create(
+        organization=org, filename="train.jsonl", bytes=2, rows=1, sha256="0" * 64, content=b"{}"
+    )
+    job = FineTuningJob.objects.create(
+        organization=org,
+        release=release,
+        stage=stage,
+        tier=org.tier,
+        plan_version=1,
+        training_file=training,
+        seed=7,
+        verdict=verdict,
+        screened_at=(screened_at or created_at) if verdict else None,
+    )
+    FineTuningJob.objects.filter(pk=job.pk).update(created_at=created_at)  # auto_now_add
+    return job
+
+
+def assess(job, *, passed: bool, at=None):
+    """An assessment run at ``at`` (now by default) of the tuned model ``job`` made
+    (made here once)."""
+    from tuning.models import Assessment, TunedModel
+
+    tuned, _ = TunedModel.objects.get_or_create(
+        job=job,
+        defaults={
+            "name": f"ft:{job.release.name}:{job.organization.slug}:t:{job.public_id[-8:]}",
+            "organization": job.organization,
+            "parent": job.release,
+            "upstream_model": "ft:upstream",
+        },
+    )
+    assessment = Assessment.objects.create(
+        tuned_model=tuned,
+        release=job.release,
+        stage=job.stage,
+        tier=job.tier,
+        organization=job.organization,
+        plan_version=1,
+        passed=passed,
+    )
+    if at is not None:
+        Assessment.objects.filter(pk=assessment.pk).update(created_at=at)  # auto_now_add
+    return assessment

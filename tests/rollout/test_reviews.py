@@ -20,9 +20,8 @@ from rollout import transitions
 from rollout.models import Release, Review
 from rollout.plans import apply_plan
 from rollout.reviews import create_review, review_releases
-from tests.factories import flag_sample, make_org, traffic
+from tests.factories import assess, fine_tuning_job, flag_sample, make_org, traffic
 from tests.rollout.mini_cast import PARTNERS, PLAN, healthy_traffic, results, review_now
-from tuning.models import Assessment, FineTuningJob, TrainingFile, TunedModel
 
 
 def test_review_without_traffic_recommends_hold(mini):
@@ -336,47 +335,6 @@ def partners(db):
     return [make_org(slug, tier) for slug, tier in sorted(PARTNERS.items())]
 
 
-def fine_tuning_job(release, org, *, stage, verdict="", at=None) -> FineTuningJob:
-    """A job of ``org`` in ``stage`` created and screened (``verdict``, "" for not yet)
-    at ``at``; as tests/tuning/test_telemetry.py makes them."""
-    at = at or timezone.now() - timedelta(hours=1)
-    training = TrainingFile.objects.create(
-        organization=org, filename="train.jsonl", bytes=2, rows=1, sha256="0" * 64, content=b"{}"
-    )
-    job = FineTuningJob.objects.create(
-        organization=org,
-        release=release,
-        stage=stage,
-        tier=org.tier,
-        plan_version=1,
-        training_file=training,
-        seed=7,
-        verdict=verdict,
-        screened_at=at if verdict else None,
-    )
-    FineTuningJob.objects.filter(pk=job.pk).update(created_at=at)
-    return job
-
-
-def assess(job: FineTuningJob, *, passed: bool) -> Assessment:
-    tuned = TunedModel.objects.create(
-        name=f"ft:{job.release.name}:{job.organization.slug}:t:{job.public_id[-8:]}",
-        job=job,
-        organization=job.organization,
-        parent=job.release,
-        upstream_model="ft:upstream",
-    )
-    return Assessment.objects.create(
-        tuned_model=tuned,
-        release=job.release,
-        stage=job.stage,
-        tier=job.tier,
-        organization=job.organization,
-        plan_version=1,
-        passed=passed,
-    )
-
-
 def criterion(review: Review, name: str) -> dict:
     (found,) = [result for result in review.criteria if result["name"] == name]
     return found
@@ -416,7 +374,7 @@ def test_review_fails_on_held_datasets_and_failed_assessments_of_the_stage(
     assess(filtered, passed=False)
     # Neither counts: held before the release entered the stage, held in another stage.
     before = fine_tuned.stage_entered_at - timedelta(minutes=1)
-    fine_tuning_job(fine_tuned, meridian, stage=stage, verdict="hold", at=before)
+    fine_tuning_job(fine_tuned, meridian, stage=stage, verdict="hold", created_at=before)
     fine_tuning_job(fine_tuned, meridian, stage="commercial", verdict="hold")
 
     review = review_now(fine_tuned)

@@ -16,8 +16,9 @@ import pytest
 from access.models import Organization
 from rollout.models import Release
 from rollout.plans import apply_plan
+from tests import factories
 from tests.rollout.mini_cast import PLAN as MINI_PLAN
-from tuning.models import Assessment, FineTuningJob, TrainingFile, TunedModel
+from tuning.models import Assessment, FineTuningJob
 from tuning.telemetry import FineTuningCounts, TierOrgCounts, fine_tuning_counts
 
 UNTIL = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -26,57 +27,12 @@ INSIDE = SINCE + timedelta(hours=6)
 BEFORE = SINCE - timedelta(hours=1)
 
 
-def fine_tuning_job(
-    release: Release,
-    org: Organization,
-    *,
-    stage: str = "research_preview",
-    created_at: datetime = INSIDE,
-    verdict: str = "",
-    screened_at: datetime | None = None,
-) -> FineTuningJob:
-    """A job of ``org`` (under its own tier) created at ``created_at``, screened with
-    ``verdict`` at ``screened_at`` (not screened when ``verdict`` is "")."""
-    training = TrainingFile.objects.create(
-        organization=org, filename="train.jsonl", bytes=2, rows=1, sha256="0" * 64, content=b"{}"
-    )
-    job = FineTuningJob.objects.create(
-        organization=org,
-        release=release,
-        stage=stage,
-        tier=org.tier,
-        plan_version=1,
-        training_file=training,
-        seed=7,
-        verdict=verdict,
-        screened_at=(screened_at or created_at) if verdict else None,
-    )
-    FineTuningJob.objects.filter(pk=job.pk).update(created_at=created_at)  # auto_now_add
-    return job
+def fine_tuning_job(release, org, *, created_at=INSIDE, **fields) -> FineTuningJob:
+    return factories.fine_tuning_job(release, org, created_at=created_at, **fields)
 
 
 def assess(job: FineTuningJob, *, passed: bool, at: datetime = INSIDE) -> Assessment:
-    """An assessment run at ``at`` of the tuned model ``job`` made (made here once)."""
-    tuned, _ = TunedModel.objects.get_or_create(
-        job=job,
-        defaults={
-            "name": f"ft:{job.release.name}:{job.organization.slug}:t:{job.public_id[-8:]}",
-            "organization": job.organization,
-            "parent": job.release,
-            "upstream_model": "ft:upstream",
-        },
-    )
-    assessment = Assessment.objects.create(
-        tuned_model=tuned,
-        release=job.release,
-        stage=job.stage,
-        tier=job.tier,
-        organization=job.organization,
-        plan_version=1,
-        passed=passed,
-    )
-    Assessment.objects.filter(pk=assessment.pk).update(created_at=at)  # auto_now_add
-    return assessment
+    return factories.assess(job, passed=passed, at=at)
 
 
 def counts(release: str = "atlas-2", stage: str = "research_preview") -> FineTuningCounts:
