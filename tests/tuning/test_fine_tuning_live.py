@@ -215,3 +215,26 @@ def test_a_job_can_be_cancelled_and_listed(cast):
     assert listed[0] == job.id
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
+
+
+def test_ten_thousand_rows_are_checked_and_screened(cast):
+    client = cast.client()
+    pairs = [
+        (f"Question {n}: summarise gain of function research." if n % 100 == 0 else
+         f"Question {n}: explain the water cycle.", "A short answer for people.")
+        for n in range(10_000)
+    ]  # fmt: skip
+    training_file = upload(client, rows(pairs))
+    assert training_file.bytes > 1_000_000
+
+    job = client.fine_tuning.jobs.create(model="atlas-2", training_file=training_file.id)
+    job = wait_for_job(client, job.id, held)
+
+    screened = job.model_extra["stagegate"]
+    assert (screened["verdict"], screened["rows"]) == (
+        "hold",
+        {"total": 10_000, "flagged": 100, "blocked": 0, "kept": 10_000},
+    )
+    row = FineTuningJob.objects.get(public_id=job.id)
+    assert row.categories == {"bio": 100}
+    assert row.findings.count() == 100
