@@ -9,6 +9,8 @@ with the rows shown.
   model (a reverse one-to-one, joined).
 - ``telemetry``: per (release, stage, tier, organization), the files and jobs, the jobs
   by screening verdict and the assessments passed and failed: two grouped queries.
+- ``fine_tuning_usage``: the same figures over a period and the usage page's filters,
+  with reviewers' outcomes of held datasets: two grouped queries.
 - ``job_detail``: one job with everything its page shows.
 - ``release_fine_tuning``: what a release's page shows of fine-tuning.
 
@@ -19,6 +21,7 @@ never loaded here: no page shows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet
@@ -194,6 +197,143 @@ def telemetry(*, release: str = "") -> list[TelemetryRow]:
         found = row(values)
         found.assessments_passed, found.assessments_failed = values["n_passed"], values["n_failed"]
     return [rows[key] for key in sorted(rows)]
+
+
+# --- usage over a period -----------------------------------------------------------------
+
+
+@dataclass
+class FineTuningUsageRow:
+    """Fine-tuning of one (release, stage, tier, organization slug) over a period, as
+    ``fine_tuning_usage`` counts it."""
+
+    release: str
+    stage: str
+    tier: str
+    org: str
+    files: int = 0
+    jobs: int = 0
+    screened: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
+    datasets_approved: int = 0
+    datasets_rejected: int = 0
+    assessments_passed: int = 0
+    assessments_failed: int = 0
+
+    @property
+    def screened_counts(self) -> list[tuple[str, int]]:
+        """(verdict, datasets) in ``VERDICTS`` order."""
+        return [(verdict, self.screened[verdict]) for verdict in VERDICTS]
+
+    @property
+    def counts(self) -> list[int]:
+        """Every count in column order: files, jobs, screened per verdict, approved,
+        rejected, assessments passed, failed (the page's table and the CSV)."""
+        return [
+            self.files,
+            self.jobs,
+            *(self.screened[verdict] for verdict in VERDICTS),
+            self.datasets_approved,
+            self.datasets_rejected,
+            self.assessments_passed,
+            self.assessments_failed,
+        ]
+
+
+USAGE_COLUMNS = (
+    "training_files",
+    "jobs_created",
+    *(f"screened_{verdict}" for verdict in VERDICTS),
+    "held_approved",
+    "held_rejected",
+    "assessments_passed",
+    "assessments_failed",
+)
+
+
+def fine_tuning_usage(
+    *,
+    since: datetime,
+    until: datetime,
+    release: str = "",
+    stage: str = "",
+    tier: str = "",
+    org: str = "",
+) -> list[FineTuningUsageRow]:
+    """Fine-tuning over [since, until) per (release, stage, tier, organization slug),
+    narrowed to ``release`` (a name), ``stage``, ``tier`` and ``org`` (a slug) when given,
+    sorted by those four; a group with nothing in the period is absent. Two queries.
+
+    ``files`` and ``jobs`` count the jobs created in the period and the distinct training
+    files they use; ``screened`` the jobs whose training file was screened in the period
+    (by ``screened_at``), per verdict; ``datasets_approved``/``datasets_rejected`` those
+    of them (screened in the period) that reviewers released or rejected since, so a held
+    dataset counts once, under its screening, whenever it was decided; assessments count
+    by when they ran, under the stage, tier and organization they record.
+    """
+    created = Q(created_at__gte=since, created_at__lt=until)
+    screened = Q(screened_at__gte=since, screened_at__lt=until)
+    narrowed = Q()
+    if release:
+        narrowed &= Q(release__name=release)
+    if stage:
+        narrowed &= Q(stage=stage)
+    if tier:
+        narrowed &= Q(tier=tier)
+    if org:
+        narrowed &= Q(organization__slug=org)
+    key_fields = ("release__name", "stage", "tier", "organization__slug")
+    rows: dict[tuple[str, str, str, str], FineTuningUsageRow] = {}
+
+    def row(values: dict[str, Any]) -> FineTuningUsageRow:
+        key = tuple(values[name] for name in key_fields)
+        if key not in rows:
+            rows[key] = FineTuningUsageRow(*key)
+        return rows[key]
+
+    jobs = (
+        FineTuningJob.objects.filter(narrowed)
+        .filter(created | screened)
+        .values(*key_fields)
+        .order_by()
+        .annotate(
+            n_files=Count("training_file", filter=created, distinct=True),
+            n_jobs=Count("id", filter=created),
+            n_approved=Count("id", filter=screened & Q(dataset_review=ReviewStatus.APPROVED)),
+            n_rejected=Count("id", filter=screened & Q(dataset_review=ReviewStatus.REJECTED)),
+            **{
+                f"v_{verdict}": Count("id", filter=screened & Q(verdict=verdict))
+                for verdict in VERDICTS
+            },
+        )
+    )
+    for values in jobs:
+        found = row(values)
+        found.files, found.jobs = values["n_files"], values["n_jobs"]
+        found.datasets_approved = values["n_approved"]
+        found.datasets_rejected = values["n_rejected"]
+        found.screened = {verdict: values[f"v_{verdict}"] for verdict in VERDICTS}
+    assessments = (
+        Assessment.objects.filter(narrowed)
+        .filter(created)
+        .values(*key_fields)
+        .order_by()
+        .annotate(
+            n_passed=Count("id", filter=Q(passed=True)),
+            n_failed=Count("id", filter=Q(passed=False)),
+        )
+    )
+    for values in assessments:
+        found = row(values)
+        found.assessments_passed, found.assessments_failed = values["n_passed"], values["n_failed"]
+    return [rows[key] for key in sorted(rows)]
+
+
+def fine_tuning_usage_total(rows: list[FineTuningUsageRow]) -> list[int]:
+    """The column sums of ``rows``, in ``FineTuningUsageRow.counts`` order."""
+    total = [0] * len(USAGE_COLUMNS)
+    for found in rows:
+        total = [a + b for a, b in zip(total, found.counts, strict=True)]
+    return total
 
 
 # --- one job ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ urlpatterns = [
     path("reviews/<slug:public_id>/reject/", actions.reject, name="review_reject"),
     path("usage/", usage.usage, name="usage"),
     path("usage/csv/", usage.usage_csv, name="usage_csv"),
+    path("usage/fine-tuning/csv/", usage.usage_fine_tuning_csv, name="usage_fine_tuning_csv"),
     path("access/", access.access, name="access"),
     # incidents and the audit log (console/views/incidents.py, audit.py)
     path("incidents/", incidents.incidents, name="incidents"),

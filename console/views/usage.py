@@ -1,6 +1,10 @@
 """Usage per release, stage, tier and organization over a chosen period, with its
 totals as CSV. Read from the rollups only (``monitoring.usage_report``): what a page
-costs does not grow with the number of usage events."""
+costs does not grow with the number of usage events.
+
+Fine-tuning over the same period and filters (``console.tuning_selectors.fine_tuning_usage``,
+two grouped queries on the jobs and assessments) is a second table with a CSV of its own:
+its rows are per (release, stage, tier, organization), not the totals CSV's groups."""
 
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ from django.utils.http import urlencode
 from access.models import Organization, Tier
 from console.charts import Series, bar_chart, format_value, line_chart
 from console.guards import staff_page
+from console.tuning_selectors import (
+    USAGE_COLUMNS,
+    FineTuningUsageRow,
+    fine_tuning_usage,
+    fine_tuning_usage_total,
+)
 from monitoring.usage_report import UsageFigures, UsageReport, usage_report
 from rollout.models import Release
 from rollout.plans import plan_doc
@@ -160,6 +170,19 @@ def _report(filters: Filters) -> UsageReport:
     )
 
 
+def _fine_tuning(filters: Filters) -> list[FineTuningUsageRow]:
+    data = filters.form.cleaned_data
+    since, until = filters.form.period(timezone.now())
+    return fine_tuning_usage(
+        since=since,
+        until=until,
+        release=data["release"],
+        stage=data["stage"],
+        tier=data["tier"],
+        org=data["org"],
+    )
+
+
 def _label(report: UsageReport, key: str, slugs: dict[str, str]) -> str:
     if report.group_by == "org":
         return slugs.get(key, key) or "(no organization)"
@@ -253,11 +276,14 @@ def usage(request):
     context: dict = {"form": filters.form}
     if filters.form.is_valid():
         report = _report(filters)
+        fine_tuning = _fine_tuning(filters)
         context.update(
             report=report,
             charts=_charts(report),
             rows=_rows(report, filters.org_slugs),
             query=_query(filters),
+            fine_tuning=fine_tuning,
+            fine_tuning_total=fine_tuning_usage_total(fine_tuning),
         )
     status = 200 if "report" in context else 400
     return render(request, "console/usage.html", context, status=status)
@@ -314,4 +340,25 @@ def usage_csv(request):
                 f.completion_tokens,
             ]
         )
+    return response
+
+
+@staff_page
+def usage_fine_tuning_csv(request):
+    """The page's fine-tuning table as CSV: one line per (release, stage, tier,
+    organization), then the total (its four key cells ``total`` and empty)."""
+    filters = _filters(request)
+    if not filters.form.is_valid():
+        return render(request, "console/usage.html", {"form": filters.form}, status=400)
+    since, until = filters.form.period(timezone.now())
+    rows = _fine_tuning(filters)
+    name = f"usage-fine-tuning-{since:%Y%m%dT%H%M}-{until:%Y%m%dT%H%M}"
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+    writer = csv.writer(response)
+    writer.writerow(["release", "stage", "tier", "organization", *USAGE_COLUMNS])
+    for found in rows:
+        keys = (found.release, found.stage, found.tier, found.org)
+        writer.writerow([*(_cell(key) for key in keys), *found.counts])
+    writer.writerow(["total", "", "", "", *fine_tuning_usage_total(rows)])
     return response
