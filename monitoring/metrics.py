@@ -248,11 +248,39 @@ class AuditCollector(DatabaseCollector):
         return [seq]
 
 
+class FineTuningCollector(DatabaseCollector):
+    """Fine-tuning jobs by status and what waits for reviewers, per release (read from
+    ``tuning.telemetry`` at scrape time, as the releases' from ``rollout.status``)."""
+
+    what = "fine-tuning metrics"
+
+    def _families(self) -> list:
+        from tuning.telemetry import awaiting_review, jobs_by_status
+
+        jobs = GaugeMetricFamily(
+            "stagegate_fine_tuning_jobs",
+            "Fine-tuning jobs of the release in each status.",
+            labels=["release", "status"],
+        )
+        held = GaugeMetricFamily(
+            "stagegate_fine_tuning_awaiting_review",
+            "Held datasets (subject dataset) and tuned models held by a failed assessment"
+            " (subject model) waiting for reviewers.",
+            labels=["release", "subject"],
+        )
+        for (release, status), count in sorted(jobs_by_status().items()):
+            jobs.add_metric([release, status], count)
+        for (release, subject), count in sorted(awaiting_review().items()):
+            held.add_metric([release, subject], count)
+        return [jobs, held]
+
+
 # Series read from the database at scrape time (DatabaseCollector), apart from the
 # per-process ones above.
 FROM_DATABASE = CollectorRegistry(auto_describe=False)
 FROM_DATABASE.register(ReleaseCollector())
 FROM_DATABASE.register(AuditCollector())
+FROM_DATABASE.register(FineTuningCollector())
 
 
 def render() -> bytes:

@@ -16,7 +16,15 @@ from datetime import datetime
 
 from django.db.models import Count, Q
 
-from tuning.models import Assessment, DatasetVerdict, FineTuningJob
+from tuning.models import (
+    Assessment,
+    DatasetVerdict,
+    FineTuningJob,
+    JobStatus,
+    ReviewStatus,
+    TunedModel,
+    TunedModelStatus,
+)
 
 _SCREENED = ("datasets_screened", "datasets_held", "datasets_rejected", "jobs_created")
 _ASSESSED = ("assessments", "assessments_failed")
@@ -116,3 +124,36 @@ def fine_tuning_counts(
         if counter.name != "rows"
     }
     return FineTuningCounts(**totals, rows=rows)
+
+
+def jobs_by_status() -> dict[tuple[str, str], int]:
+    """Every release's fine-tuning jobs by status, for the metrics: (release, status)
+    -> jobs (one query)."""
+    return {
+        (row["release__name"], row["status"]): row["n"]
+        for row in FineTuningJob.objects.values("release__name", "status")
+        .order_by()
+        .annotate(n=Count("id"))
+    }
+
+
+def awaiting_review() -> dict[tuple[str, str], int]:
+    """What waits for reviewers, per release: (release, "dataset" | "model") -> count
+    (two queries)."""
+    datasets = (
+        FineTuningJob.objects.filter(
+            dataset_review=ReviewStatus.PENDING, status=JobStatus.VALIDATING_FILES
+        )
+        .values("release__name")
+        .order_by()
+        .annotate(n=Count("id"))
+    )
+    models = (
+        TunedModel.objects.filter(status=TunedModelStatus.HELD)
+        .values("parent__name")
+        .order_by()
+        .annotate(n=Count("id"))
+    )
+    found = {(row["release__name"], "dataset"): row["n"] for row in datasets}
+    found.update({(row["parent__name"], "model"): row["n"] for row in models})
+    return found
