@@ -16,6 +16,7 @@ from rollout.api import (
     ReviewViewSet,
     TransitionViewSet,
 )
+from tuning.api import FineTuningJobViewSet
 
 
 class StagegateRootView(APIRootView):
@@ -43,5 +44,6 @@ router.register("reviews", ReviewViewSet, basename="review")
 router.register("approvals", ApprovalViewSet, basename="approval")
 router.register("incidents", IncidentViewSet, basename="incident")
 router.register("audit", AuditEventViewSet, basename="audit")
+router.register("fine-tuning/jobs", FineTuningJobViewSet, basename="fine-tuning-job")
 
 urlpatterns = router.urls
