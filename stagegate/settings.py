@@ -259,6 +259,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "VerificationKindEnum": "access.models.VerificationKind",
         "TransitionKindEnum": "rollout.models.TransitionKind",
+        "FineTuningJobStatusEnum": "tuning.models.JobStatus",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -132,12 +132,6 @@ class FineTuningJobDetailSerializer(FineTuningJobSerializer):
     ``findings_total`` and ``latest_assessment`` (or None), and prefetches ``decisions``
     with their reviewers."""
 
-    # The list's enum, as plain text: one choice set under the name "status" in two
-    # components is a drf-spectacular warning (and the schema test fails on warnings)
-    # unless settings name it in ENUM_NAME_OVERRIDES.
-    status = serializers.CharField(
-        read_only=True, help_text="The job's state, as in the list (FineTuningJob.status)."
-    )
     categories = serializers.DictField(
         child=serializers.IntegerField(), read_only=True, help_text="Rows per screening category."
     )
