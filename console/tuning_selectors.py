@@ -21,10 +21,11 @@ never loaded here: no page shows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from tuning.models import (
     Assessment,
@@ -48,6 +49,7 @@ TUNED_MODELS_LIMIT = 20  # on a release's page
 # Columns a job's row never needs: the uploaded file's bytes and the lines kept.
 HEAVY = ("training_file__content", "kept_lines")
 VERDICTS = tuple(DatasetVerdict.values)
+ALL_TIME = datetime(2000, 1, 1, tzinfo=UTC)  # before any job
 
 
 def _approvals(subject: str) -> Count:
@@ -134,69 +136,6 @@ def recent_jobs(*, release: str = "", status: str = "") -> QuerySet[FineTuningJo
 
 
 # --- telemetry ----------------------------------------------------------------------------
-
-
-@dataclass
-class TelemetryRow:
-    """Fine-tuning's figures for one (release, stage, tier, organization)."""
-
-    release: str
-    stage: str
-    tier: str
-    org: str
-    files: int = 0
-    jobs: int = 0
-    verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
-    unscreened: int = 0
-    assessments_passed: int = 0
-    assessments_failed: int = 0
-
-    @property
-    def verdict_counts(self) -> list[tuple[str, int]]:
-        return [(verdict, self.verdicts[verdict]) for verdict in VERDICTS]
-
-
-def telemetry(*, release: str = "") -> list[TelemetryRow]:
-    """Files, jobs, verdicts and assessments per (release, stage, tier, organization),
-    of ``release`` when given, sorted by those four. A job counts under the stage it was
-    screened in (the runner records it); an assessment under the stage it ran in."""
-    jobs = FineTuningJob.objects.all()
-    assessments = Assessment.objects.all()
-    if release:
-        jobs = jobs.filter(release__name=release)
-        assessments = assessments.filter(release__name=release)
-    key_fields = ("release__name", "stage", "tier", "organization__slug")
-    verdict_counts = {
-        f"v_{verdict}": Count("id", filter=Q(verdict=verdict)) for verdict in VERDICTS
-    }
-    rows: dict[tuple[str, str, str, str], TelemetryRow] = {}
-
-    def row(values: dict[str, Any]) -> TelemetryRow:
-        key = tuple(values[name] for name in key_fields)
-        if key not in rows:
-            rows[key] = TelemetryRow(*key)
-        return rows[key]
-
-    for values in jobs.values(*key_fields).annotate(
-        files=Count("training_file", distinct=True),
-        jobs=Count("id"),
-        unscreened=Count("id", filter=Q(verdict="")),
-        **verdict_counts,
-    ):
-        found = row(values)
-        found.files, found.jobs, found.unscreened = (
-            values["files"],
-            values["jobs"],
-            values["unscreened"],
-        )
-        found.verdicts = {verdict: values[f"v_{verdict}"] for verdict in VERDICTS}
-    # Not "passed": an annotation of a field's name would shadow it in the next filter.
-    for values in assessments.values(*key_fields).annotate(
-        n_passed=Count("id", filter=Q(passed=True)), n_failed=Count("id", filter=Q(passed=False))
-    ):
-        found = row(values)
-        found.assessments_passed, found.assessments_failed = values["n_passed"], values["n_failed"]
-    return [rows[key] for key in sorted(rows)]
 
 
 # --- usage over a period -----------------------------------------------------------------
@@ -326,6 +265,14 @@ def fine_tuning_usage(
         found = row(values)
         found.assessments_passed, found.assessments_failed = values["n_passed"], values["n_failed"]
     return [rows[key] for key in sorted(rows)]
+
+
+def telemetry(*, release: str = "") -> list[FineTuningUsageRow]:
+    """All the fine-tuning so far per (release, stage, tier, organization) of ``release``
+    when given: ``fine_tuning_usage`` over all time (the queue page's table)."""
+    return fine_tuning_usage(
+        since=ALL_TIME, until=timezone.now() + timedelta(seconds=1), release=release
+    )
 
 
 def fine_tuning_usage_total(rows: list[FineTuningUsageRow]) -> list[int]:

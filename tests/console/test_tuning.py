@@ -367,12 +367,12 @@ def test_telemetry_counts_per_release_stage_tier_and_org(
         for row in re.findall(r"<tr>(<td>.*?)</tr>", table, flags=re.S)
     ]
     # release, stage, tier, org, files, jobs, accept, accept_filtered, hold, reject,
-    # not screened, assessments passed, failed
+    # held and approved, held and rejected (none decided yet), assessments passed, failed
     assert rows == [
         ["atlas-2", "research_preview", "research_partner", "northwind-research",
-         "3", "3", "1", "0", "1", "1", "0", "0", "1"],
+         "3", "3", "1", "0", "1", "1", "0", "0", "0", "1"],
         ["atlas-2", "research_preview", "verified_commercial", "acme-commercial",
-         "1", "1", "0", "0", "1", "0", "0", "0", "0"],
+         "1", "1", "0", "0", "1", "0", "0", "0", "0", "0"],
     ]  # fmt: skip
 
 
