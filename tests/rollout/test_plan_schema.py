@@ -18,7 +18,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from rollout import plan_schema
 from rollout.plan_schema import (
     MAX_PLAN_BYTES,
     MAX_STAGES,
@@ -1316,14 +1318,15 @@ MAPPING_PATHS = [
     if isinstance(value, dict) and path[-1:] != ("max_flag_rate_by_category",)
 ]
 ALL_PATHS = [path for path, _ in EXAMPLE_NODES]
-# Objects that may be null (absent): null there is valid, not a wrong type.
+# Fields that may be null (their default): null there is valid, not a wrong type. Read
+# from the schema, so a field added later is known here. By name only: a tripwire's
+# `category` may be null, a rule's may not (a rule's gets the other wrong types).
 NULLABLE = {
-    "screening",
-    "classifier",
-    "retain_flagged",
-    "fine_tuning",
-    "max_confirmed_flag_rate",
-    "category",  # a tripwire's (a rule's may not be null, but is tested otherwise)
+    name
+    for model in vars(plan_schema).values()
+    if isinstance(model, type) and issubclass(model, BaseModel)
+    for name, field in model.model_fields.items()
+    if not field.is_required() and field.default is None
 }
 STAGE_COUNT = len(EXAMPLE["stages"])
 
