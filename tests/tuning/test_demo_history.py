@@ -28,7 +28,7 @@ from monitoring.redaction import SECRET_PATTERN
 from rollout.models import Release
 from rollout.plans import plan_doc
 from stagegate.demo_upstream import flagged_categories
-from tests.live import ProxyServer, free_port
+from tests.live import ProxyServer, free_port, wait_until
 from tuning.assessment import PromptOutcome, judge
 from tuning.dataset_screening import screen_dataset
 from tuning.datasets import parse_dataset
@@ -48,7 +48,7 @@ from tuning.models import (
     TrainingFile,
     TunedModel,
 )
-from tuning.runner import advance_job
+from tuning.runner import advance_job, pending_jobs
 from tuning.services import authenticate, create_job, upload_file
 
 KEY_LINE = re.compile(r"^\s+(\S+)\s+(\S+)\s+(sgk_\S+)$", re.MULTILINE)
@@ -377,7 +377,18 @@ def test_the_runner_leaves_what_the_seed_wrote(db, settings, tmp_path, demo_upst
             suffix=job.suffix,
             hyperparameters=job.hyperparameters,
         )
+        # The job may be taken by this call or by the background thread its creation
+        # enqueued (whichever claims it first): wait until no runner holds it and nothing
+        # is left to do.
         advance_job(real.pk, budget_seconds=120)
+        wait_until(
+            lambda real=real: (
+                real.pk not in pending_jobs()
+                and FineTuningJob.objects.filter(pk=real.pk, claimed_until__isnull=True).exists()
+            ),
+            timeout=120,
+            what=f"job {real.public_id} to settle",
+        )
         real.refresh_from_db()
         real_tuned = TunedModel.objects.filter(job=real).first()
 
