@@ -25,8 +25,9 @@ from access.models import Organization
 from console.tuning_selectors import FineTuningUsageRow, fine_tuning_usage
 from rollout.models import Release
 from rollout.plans import apply_plan
+from tests import factories
 from tests.rollout.mini_cast import PLAN as MINI_PLAN
-from tuning.models import Assessment, FineTuningJob, TrainingFile, TunedModel
+from tuning.models import Assessment, FineTuningJob, TrainingFile
 
 pytestmark = pytest.mark.django_db
 
@@ -100,26 +101,7 @@ def job(
 
 def assess(of: FineTuningJob, *, passed: bool, hours: float) -> Assessment:
     """An assessment run ``hours`` ago of the tuned model ``of`` made (made here once)."""
-    tuned, _ = TunedModel.objects.get_or_create(
-        job=of,
-        defaults={
-            "name": f"ft:{of.release.name}:{of.organization.slug}:t:{of.public_id[-8:]}",
-            "organization": of.organization,
-            "parent": of.release,
-            "upstream_model": "ft:upstream",
-        },
-    )
-    assessment = Assessment.objects.create(
-        tuned_model=tuned,
-        release=of.release,
-        stage=of.stage,
-        tier=of.tier,
-        organization=of.organization,
-        plan_version=1,
-        passed=passed,
-    )
-    Assessment.objects.filter(pk=assessment.pk).update(created_at=_ago(hours))  # auto_now_add
-    return assessment
+    return factories.assess(of, passed=passed, at=_ago(hours))
 
 
 @pytest.fixture
